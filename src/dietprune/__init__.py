@@ -1,0 +1,3 @@
+"""dietprune: training-free dimension-wise global pruning of LLMs (DIET)."""
+
+__version__ = "0.1.0"

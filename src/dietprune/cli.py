@@ -1,0 +1,121 @@
+"""The `diet` command: a thin front over dietprune.api."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dietprune.errors import DietError
+
+
+def _add_profile_options(parser: argparse.ArgumentParser) -> None:
+    from dietprune.profile import SITES
+    from dietprune.tasks import DEFAULT_TASKS
+
+    group = parser.add_argument_group("profiling")
+    group.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="tasks to profile")
+    group.add_argument("--samples", type=int, default=100, help="calibration samples per task")
+    group.add_argument("--seed", type=int, default=0, help="seed of the calibration subsets")
+    group.add_argument("--site", choices=SITES, default="block_output", help="activation site")
+    group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument("--max-length", type=int, default=1024, help="tokens per calibration text")
+    group.add_argument("--data-source", choices=("offline", "hub"), default="offline")
+
+
+def _profile_settings(args: argparse.Namespace):
+    from dietprune.api import ProfileSettings
+
+    return ProfileSettings(tuple(args.tasks), args.samples, args.seed, args.site, args.max_length,
+                           args.batch_size, args.data_source)
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from dietprune.api import profile_tasks
+    from dietprune.io import check_output_path
+    from dietprune.models.load import load_model
+    from dietprune.scores import save_scores
+
+    check_output_path(args.out, args.overwrite)
+    model, tokenizer, source = load_model(args.model)
+    stats, meta = profile_tasks(model, tokenizer, source, _profile_settings(args))
+    save_scores(args.out, stats, meta)
+    print(f"wrote {args.out}: {len(stats)} tasks, {sum(s.tokens for s in stats.values())} tokens")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from dietprune.api import PruneSettings, prune
+
+    settings = PruneSettings(args.sparsity, args.round_to, args.merge, args.aggregation)
+    result = prune(args.model, args.out, settings, _profile_settings(args), args.scores, args.overwrite)
+    print(json.dumps(_summary(result.record), indent=2) if args.json else _summary_text(result.record))
+
+
+def _summary(record: dict) -> dict:
+    keys = ("source_model", "hidden_size_before", "hidden_size_after", "params_before", "params_after",
+            "task_agreement", "seconds")
+    return {key: record[key] for key in keys}
+
+
+def _summary_text(record: dict) -> str:
+    k, d = record["hidden_size_after"], record["hidden_size_before"]
+    before, after = record["params_before"], record["params_after"]
+    lines = [f"pruned {record['source_model']}: hidden {d} -> {k} ({1 - k / d:.1%} of dims removed)",
+             f"params {before:,} -> {after:,} ({1 - after / before:.1%} fewer)",
+             f"per-task agreement (own top-{k} dims kept by the global mask):"]
+    lines += [f"  {task:<14} {n:>5} / {k}" for task, n in record["task_agreement"].items()]
+    lines.append(f"done in {record['seconds']} s")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dietprune.merge import MERGES
+    from dietprune.profile import AGGREGATIONS
+
+    parser = argparse.ArgumentParser(prog="diet", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("profile", help="score hidden dimensions per task")
+    p.add_argument("--model", help="HF directory, .gguf file, hub id or embedded name "
+                   "(default: the embedded gemma-3-270m)")
+    p.add_argument("--out", type=Path, default=Path("scores.safetensors"))
+    p.add_argument("--overwrite", action="store_true")
+    _add_profile_options(p)
+    p.set_defaults(run=cmd_profile)
+
+    p = commands.add_parser("prune", help="profile, merge into one mask, slice, save a HF checkpoint")
+    p.add_argument("--model", help="as for `diet profile`")
+    p.add_argument("--out", type=Path, default=Path("out/pruned"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--sparsity", type=float, default=0.2, help="fraction of hidden dims to remove")
+    p.add_argument("--round-to", type=int, default=8, help="K is a multiple of this and of the head count")
+    p.add_argument("--merge", choices=MERGES, default="vote")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default="l1")
+    p.add_argument("--scores", type=Path, help="use this score file instead of profiling")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_profile_options(p)
+    p.set_defaults(run=cmd_prune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="diet: %(message)s")
+    try:
+        args.run(args)
+    except DietError as exc:
+        if args.debug:
+            raise
+        print(f"diet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diet: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

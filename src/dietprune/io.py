@@ -1,0 +1,59 @@
+"""Atomic outputs: everything is written to a temporary sibling and renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from dietprune.errors import DietError
+
+
+def check_output_path(out: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse an existing output (unless `overwrite`) and any output inside a protected directory."""
+    out = out.resolve()
+    for path in protected:
+        path = path.resolve()
+        if out == path or path in out.parents or out in path.parents:
+            raise DietError(f"output {out} overlaps the input {path}; choose an output path elsewhere")
+    if out.exists() and not overwrite:
+        raise DietError(f"output {out} already exists; pass --overwrite or choose another path")
+    if not os.access(_existing_ancestor(out), os.W_OK):
+        raise DietError(f"cannot write to {out}: parent directory is not writable")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to `out`; on success it replaces `out`, on failure it vanishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write `data` as indented JSON via a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

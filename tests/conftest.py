@@ -1,0 +1,70 @@
+"""Tiny random-initialised models of every supported architecture, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 64
+HIDDEN = 48
+CONFIGS = {
+    "gemma": "GemmaConfig",
+    "gemma2": "Gemma2Config",
+    "gemma3_text": "Gemma3TextConfig",
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    """Three layers, 4 heads of 8 dims over a hidden width of 48, with sliding windows where the
+    architecture has them; weights large enough that RMSNorm epsilons are negligible."""
+    kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=80, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.3,
+                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=model_type.startswith("gemma"))
+    if model_type in ("gemma2", "gemma3_text"):
+        kwargs |= dict(sliding_window=4, query_pre_attn_scalar=8,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    if model_type == "qwen2":
+        kwargs |= dict(use_sliding_window=False)
+    return getattr(transformers, CONFIGS[model_type])(**(kwargs | overrides))
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A random model whose norm gains are random too, so compensation errors cannot hide."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.5)
+    return model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a small alphabet of words, adding <bos> like Gemma's."""
+    words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words += ["Question:", "Answer:", "yes", "no", "True", "False", "the", "a", "is", "of", "?", ".", ","]
+    vocab = {w: i for i, w in enumerate(words[:VOCAB])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                  eos_token="<eos>", unk_token="<unk>")
+    tok.add_bos_token = True
+    return tok
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def model_type(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,70 @@
+"""Merging per-task scores into one mask: exact K, known answers, documented tie-breaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dietprune.errors import DietError
+from dietprune.merge import kept_width, merge, task_votes
+
+
+def test_vote_keeps_majority_not_largest_mean():
+    # dim 0 is huge for one task only; dims 1-2 are moderately high in all three tasks
+    scores = torch.tensor([[100.0, 2.0, 2.0, 1.0],
+                           [0.1, 2.0, 2.0, 1.0],
+                           [0.1, 2.0, 2.0, 1.0]])
+    assert merge(scores, 2, "vote").tolist() == [1, 2]
+    assert merge(scores, 2, "mean").tolist() == [0, 1]  # the ablation differs, as it should
+
+
+def test_vote_ties_broken_by_mean_normalised_score_then_index():
+    # top-1 votes: task A -> dim 0, task B -> dim 1; one vote each. Normalised means decide.
+    scores = torch.tensor([[4.0, 1.0, 1.0],
+                           [1.0, 5.0, 1.0]])
+    assert merge(scores, 1, "vote").tolist() == [1]
+    # exact tie everywhere -> lower index wins
+    assert merge(torch.ones(2, 5), 3, "vote").tolist() == [0, 1, 2]
+
+
+def test_per_task_ranking_ties_go_to_lower_index():
+    votes = task_votes(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 2)
+    assert votes.tolist() == [[True, True, False, False]]
+
+
+def test_exact_k_and_deterministic():
+    scores = torch.rand(7, 640, generator=torch.Generator().manual_seed(0))
+    first = merge(scores, 512)
+    assert len(first) == 512 and len(first.unique()) == 512
+    assert torch.equal(first, merge(scores.clone(), 512))
+    assert torch.equal(first, first.sort().values)
+
+
+def test_mean_normalisation_is_scale_free():
+    scores = torch.rand(3, 50, generator=torch.Generator().manual_seed(1))
+    scaled = scores * torch.tensor([[1.0], [1000.0], [0.001]])
+    assert torch.equal(merge(scores, 20, "mean"), merge(scaled, 20, "mean"))
+
+
+@pytest.mark.parametrize("sparsity, step, k", [(0.2, 8, 512), (0.2, 1, 512), (0.1, 8, 576),
+                                               (0.5, 64, 320), (0.3, 8, 448)])
+def test_kept_width(sparsity, step, k):
+    assert kept_width(640, sparsity, step) == k
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.1, 1.5])
+def test_sparsity_outside_open_interval(sparsity):
+    with pytest.raises(DietError, match="strictly between 0 and 1"):
+        kept_width(640, sparsity, 8)
+
+
+def test_rounding_that_leaves_nothing():
+    with pytest.raises(DietError, match="after rounding"):
+        kept_width(64, 0.95, 64)
+
+
+def test_bad_scores():
+    with pytest.raises(DietError, match="NaN"):
+        merge(torch.tensor([[1.0, float("nan")]]), 1)
+    with pytest.raises(DietError, match="unknown merge"):
+        merge(torch.ones(1, 4), 2, "median")
