@@ -21,7 +21,7 @@ from dietprune.errors import DietError
 from dietprune.io import atomic_dir, check_output_path
 from dietprune.merge import kept_width, merge, task_votes
 from dietprune.models.adapters import adapter_for
-from dietprune.models.load import ModelSource, cache_root, load_model
+from dietprune.models.load import ModelSource, cache_root, load_config, load_model, resolve
 from dietprune.profile import ActivationStats, profile
 from dietprune.scores import load_scores, model_fingerprint, save_scores
 from dietprune.slice import kept_width_step, slice_model
@@ -108,18 +108,20 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
           overwrite: bool = False) -> PruneResult:
     """Profile (or read scores), merge into one mask, slice, and save a standard HF checkpoint."""
     started = time.perf_counter()
-    model, tokenizer, source = load_model(model_spec)
+    source = resolve(model_spec)
     check_output_path(out, overwrite, protected=(Path(source.path),) if Path(source.path).exists() else ())
-    adapter_for(model.config)
-    d = model.config.hidden_size
-    k = kept_width(d, settings.sparsity, kept_width_step(model.config, settings.round_to))
-    if scores_path is None:
-        stats, meta = profile_tasks(model, tokenizer, source, profile_settings)
-    else:
+    config = load_config(source)
+    adapter_for(config)
+    d = config.hidden_size
+    k = kept_width(d, settings.sparsity, kept_width_step(config, settings.round_to))
+    if scores_path is not None:
         stats, meta = load_scores(scores_path)
         if meta.get("hidden_size") != d:
             raise DietError(f"{scores_path} was profiled on a model of width {meta.get('hidden_size')}, "
                             f"not {d}; profile this model")
+    model, tokenizer, source = load_model(model_spec)
+    if scores_path is None:
+        stats, meta = profile_tasks(model, tokenizer, source, profile_settings)
     task_names = list(stats)
     scores = torch.stack([stats[t].score(settings.aggregation) for t in task_names])
     keep = merge(scores, k, settings.merge)

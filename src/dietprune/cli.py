@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from transformers.utils import logging as transformers_logging
+
 from dietprune.errors import DietError
 
 
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="diet: %(message)s")
+    if not args.debug:  # our own progress bars and messages only
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
     try:
         args.run(args)
     except DietError as exc:

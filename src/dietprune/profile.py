@@ -59,7 +59,9 @@ def site_modules(model: nn.Module, site: str) -> list[nn.Module]:
 @torch.inference_mode()
 def profile(model: nn.Module, tokenizer, texts: list[str], site: str = "block_output",
             batch_size: int = 8, max_length: int = 1024, desc: str = "profile") -> ActivationStats:
-    """Run `texts` through `model` and accumulate activation statistics at `site` (hooks only)."""
+    """Run `texts` through `model` and accumulate activation statistics at `site` (hooks only).
+
+    Texts are tokenized with the tokenizer's own special tokens, exactly as in evaluation."""
     modules = site_modules(model, site)
     d = model.config.hidden_size
     sum_abs = torch.zeros(d, dtype=torch.float64)
@@ -72,10 +74,13 @@ def profile(model: nn.Module, tokenizer, texts: list[str], site: str = "block_ou
         sum_sq.add_(hidden.square().sum((0, 1)).double(), alpha=1 / len(modules))
 
     handles = [module.register_forward_hook(accumulate) for module in modules]
+    # longest first, so similar lengths share a batch (little padding) and memory peaks at once
+    encoded = sorted((tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts),
+                     key=len, reverse=True)
     tokens = 0
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
-            batch = encode(tokenizer, texts[start:start + batch_size], max_length)
+        for start in tqdm(range(0, len(encoded), batch_size), desc=desc, unit="batch", leave=False):
+            batch = pad(encoded[start:start + batch_size])
             token_mask = batch["attention_mask"].unsqueeze(-1).to(model.dtype)
             model.get_decoder()(**batch)  # the LM head plays no part in the scores
             tokens += int(batch["attention_mask"].sum())
@@ -85,13 +90,12 @@ def profile(model: nn.Module, tokenizer, texts: list[str], site: str = "block_ou
     return ActivationStats(sum_abs, sum_sq, tokens)
 
 
-def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with the tokenizer's own special tokens (as in evaluation)."""
-    ids = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
-    width = max(map(len, ids))
-    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
-    for row, seq in enumerate(ids):
+def pad(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Right-padded batch of token ids with its attention mask."""
+    width = max(map(len, sequences))
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
         input_ids[row, :len(seq)] = torch.tensor(seq)
         attention_mask[row, :len(seq)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,14 +1,16 @@
 """Slice: physically remove pruned hidden dimensions and save a standard Hugging Face checkpoint.
 
-With d dims before and K after, let r = sqrt(d / K). RMSNorm averages over the width, so a norm reading
-the residual stream sees a mean over K kept dims where the masked model saw a mean over d dims with
-zeros: its gain is multiplied by r. Gemma scales embeddings by sqrt(hidden_size), which becomes
-sqrt(K): the sliced residual stream is the masked one times c = 1 / r, which RMSNorm ignores up to its
-epsilon, and every writer must then add c times its masked output, so writers' rows are scaled by c.
-An output norm (Gemma-2/3) fed c times its masked input gives r times too small an output over K dims
-(its mean shrinks like the residual norms'), so its gain is multiplied by r * c (1 for Gemma).
-For Gemma this is exact, epsilons included. Where c = 1 (Llama family) the norms' epsilons are not
-rescaled, which changes results by O(eps / mean square of the residual): ~1e-6 on real models.
+With d dims before and K after, let r = sqrt(d / K) and c = 1 / r. RMSNorm averages over the width:
+over K kept dims the mean square of c * x equals the masked model's mean square of x over d dims (with
+zeros), epsilon included. So the sliced residual stream is kept at c times the masked one:
+- embeddings give c times their output: Gemma's sqrt(hidden_size) factor becomes sqrt(K) by itself;
+  other architectures' embedding weights are multiplied by c;
+- writers (o_proj, down_proj) add c times their output: their rows are multiplied by c;
+- a norm reading the residual stream gets input c * x and must output what the masked norm outputs:
+  its gain is multiplied by 1 / c = r; an output norm (Gemma-2/3) likewise gets input c * y and must
+  output c times the masked value: its gain is kept;
+- a tied LM head shares the embedding's factor, which the final norm's gain divides out.
+The sliced model then equals the masked one exactly in exact arithmetic.
 """
 
 from __future__ import annotations
@@ -33,18 +35,20 @@ def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor) -> dict[str, t
     adapter = adapter_for(model.config)
     d, k = model.config.hidden_size, len(keep)
     r = math.sqrt(d / k)
-    c = 1 / r if adapter.width_scaled_embedding else 1.0
+    c = 1 / r
+    embedding_scale = 1.0 if adapter.width_scaled_embedding else c
+    head_scale = embedding_scale if model.config.tie_word_embeddings else 1.0
 
-    roles: dict[str, tuple[str, float]] = {adapter.final_norm: ("norm", r)}
+    roles: dict[str, tuple[str, float]] = {adapter.final_norm: ("norm", r / head_scale)}
     for i in range(len(model.get_submodule(adapter.layers))):
         prefix = f"{adapter.layers}.{i}."
         roles |= {prefix + n: ("reader", 1.0) for n in adapter.readers}
         roles |= {prefix + n: ("writer", c) for n in adapter.writers}
         roles |= {prefix + n: ("norm", r) for n in adapter.input_norms}
-        roles |= {prefix + n: ("norm", r * c) for n in adapter.output_norms}
+        roles |= {prefix + n: ("norm", 1.0) for n in adapter.output_norms}
     module_names = {module: name for name, module in model.named_modules()}
-    roles[module_names[model.get_input_embeddings()]] = ("reader", 1.0)
-    roles[module_names[model.get_output_embeddings()]] = ("reader", 1.0)
+    roles[module_names[model.get_input_embeddings()]] = ("reader", embedding_scale)
+    roles[module_names[model.get_output_embeddings()]] = ("reader", head_scale)
 
     state = {}
     for name, tensor in model.state_dict().items():
@@ -57,7 +61,7 @@ def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor) -> dict[str, t
 def _slice_tensor(tensor: torch.Tensor, role: str | None, kind: str, scale: float,
                   keep: torch.Tensor, adapter: Adapter) -> torch.Tensor:
     if role == "reader" and kind == "weight":
-        return tensor[:, keep].clone()
+        return (tensor[:, keep] * scale).to(tensor.dtype)
     if role == "writer":
         return (tensor[keep] * scale).to(tensor.dtype)
     if role == "norm":

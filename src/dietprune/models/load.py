@@ -86,7 +86,12 @@ def resolve(spec: str | None) -> ModelSource:
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False) -> tuple[PreTrainedModel, object, ModelSource]:
-    """Load (model, tokenizer, source) in eval mode on the CPU."""
+    """Load (model, tokenizer, source) in eval mode on the CPU.
+
+    Also flushes denormal floats to zero for the process: Gemma's activations produce denormals that
+    make fp32 CPU matmuls ~5x slower (measured on this machine), for changes below 1e-38.
+    """
+    torch.set_flush_denormal(True)
     source = resolve(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
@@ -98,9 +103,12 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
     return model, tokenizer, source
 
 
-def load_config(spec: str | None = None):
+def load_config(source: ModelSource):
     """The model's config, without loading weights."""
-    return AutoConfig.from_pretrained(resolve(spec).path)
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError) as exc:
+        raise DietError(f"cannot read the config of {source.name}: {str(exc).splitlines()[0]}") from exc
 
 
 def _file_digest(path: Path) -> str:

@@ -1,0 +1,141 @@
+"""The `diet` command end to end on a tiny model, and its answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_model, tiny_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from dietprune.cli import main
+
+FAST = ["--samples", "4", "--tasks", "arc_easy", "boolq", "rte"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-gemma3"
+    tiny_model("gemma3_text").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIETPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def run_error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()  # drop what the test's own set-up printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diet: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_prune_writes_a_standard_checkpoint(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(out), "--sparsity", "0.25", *FAST]) == 0
+    assert "hidden 48 -> 32" in capsys.readouterr().out
+    record = json.loads((out / "dietprune.json").read_text())
+    assert record["hidden_size_after"] == 32 and len(record["kept_dims"]) == 32
+    assert set(record["profile"]["tasks"]) == {"arc_easy", "boolq", "rte"}
+    assert all(len(t["ids"]) == 4 for t in record["profile"]["tasks"].values())
+    assert AutoConfig.from_pretrained(out).hidden_size == 32
+    assert AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.shape == (64, 32)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_profile_then_prune_from_scores_is_identical(tiny_dir, tmp_path):
+    scores = tmp_path / "scores.safetensors"
+    assert main(["profile", "--model", str(tiny_dir), "--out", str(scores), *FAST]) == 0
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "a"), *FAST]) == 0
+    assert main(["prune", "--model", str(tiny_dir), "--scores", str(scores),
+                 "--out", str(tmp_path / "b")]) == 0
+    kept = [json.loads((tmp_path / n / "dietprune.json").read_text())["kept_dims"] for n in "ab"]
+    assert kept[0] == kept[1]
+
+
+@pytest.mark.parametrize("sparsity", ["0", "1", "-0.2", "1.5"])
+def test_sparsity_outside_open_interval(tiny_dir, tmp_path, capsys, sparsity):
+    err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"),
+                             "--sparsity", sparsity])
+    assert "strictly between 0 and 1" in err and not (tmp_path / "o").exists()
+
+
+def test_missing_model(tmp_path, capsys):
+    assert "model not found" in run_error(capsys, ["prune", "--model", str(tmp_path / "nope"),
+                                                    "--out", str(tmp_path / "o")])
+
+
+def test_directory_that_is_not_a_model(tmp_path, capsys):
+    assert "no config.json" in run_error(capsys, ["prune", "--model", str(tmp_path), "--out",
+                                                   str(tmp_path / "o")])
+
+
+def test_unknown_architecture(tmp_path, capsys):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)).save_pretrained(tmp_path / "g")
+    err = run_error(capsys, ["prune", "--model", str(tmp_path / "g"), "--out", str(tmp_path / "o")])
+    assert "unsupported architecture 'gpt2'" in err and "llama" in err
+
+
+def test_existing_output_is_left_alone(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    before = snapshot(out)
+    assert "already exists" in run_error(capsys, ["prune", "--model", str(tiny_dir), "--out", str(out)])
+    assert snapshot(out) == before
+
+
+def test_output_inside_the_input_model(tiny_dir, capsys):
+    before = snapshot(tiny_dir)
+    err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--out", str(tiny_dir / "pruned")])
+    assert "overlaps the input" in err and snapshot(tiny_dir) == before
+
+
+def test_width_the_heads_cannot_take(tiny_dir, tmp_path, capsys):
+    err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"),
+                             "--sparsity", "0.9", "--round-to", "16"])
+    assert "after rounding" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_corrupt_score_file(tiny_dir, tmp_path, capsys, content):
+    scores = tmp_path / "bad.safetensors"
+    scores.write_bytes(content)
+    err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--scores", str(scores),
+                             "--out", str(tmp_path / "o")])
+    assert "score file" in err and not (tmp_path / "o").exists()
+
+
+def test_truncated_score_file(tiny_dir, tmp_path, capsys):
+    scores = tmp_path / "scores.safetensors"
+    assert main(["profile", "--model", str(tiny_dir), "--out", str(scores), *FAST]) == 0
+    scores.write_bytes(scores.read_bytes()[:-40])
+    err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--scores", str(scores),
+                             "--out", str(tmp_path / "o")])
+    assert "score file" in err
+
+
+def test_unknown_task(tiny_dir, tmp_path, capsys):
+    err = run_error(capsys, ["profile", "--model", str(tiny_dir), "--out", str(tmp_path / "s"),
+                             "--tasks", "squad"])
+    assert "squad" in err and "boolq" in err
+
+
+def test_subprocess_exit_code_and_single_line(tmp_path):
+    env = os.environ | {"DIETPRUNE_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "dietprune.cli", "prune", "--model", str(tmp_path / "x"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("diet: error: model not found")
