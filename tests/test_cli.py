@@ -139,3 +139,46 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("diet: error: model not found")
+
+
+def test_rerun_is_byte_identical(tiny_dir, tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        monkeypatch.setenv("DIETPRUNE_CACHE", str(tmp_path / f"cache-{name}"))  # no shared cache
+        assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / name), *FAST]) == 0
+    a, b = (json.loads((tmp_path / n / "dietprune.json").read_text()) for n in "ab")
+    assert a["kept_dims"] == b["kept_dims"] and a["profile"] == b["profile"]
+    weights = [(tmp_path / n / "model.safetensors").read_bytes() for n in "ab"]
+    assert weights[0] == weights[1]
+
+
+def test_interrupted_profile_resumes_from_finished_tasks(tiny_dir, tmp_path, monkeypatch, capsys):
+    import dietprune.api
+
+    calls = []
+    real_profile = dietprune.api.profile
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        if calls == ["profile arc_easy", "profile boolq"]:  # Ctrl-C during the second task
+            raise KeyboardInterrupt
+        return real_profile(*args, **kwargs)
+
+    monkeypatch.setattr(dietprune.api, "profile", interrupted)
+    out = tmp_path / "scores.safetensors"
+    assert main(["profile", "--model", str(tiny_dir), "--out", str(out), *FAST]) == 130
+    assert "interrupted" in capsys.readouterr().err and not out.exists()
+    calls.clear()
+    assert main(["profile", "--model", str(tiny_dir), "--out", str(out), *FAST]) == 0
+    assert calls == ["profile boolq", "profile rte"]  # arc_easy came from the cache
+
+
+def test_inspect_scores_and_model(tiny_dir, tmp_path, capsys):
+    scores = tmp_path / "scores.safetensors"
+    assert main(["profile", "--model", str(tiny_dir), "--out", str(scores), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(scores), "--k", "32", "--json", "--plot", str(tmp_path / "s.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["k"] == 32 and report["overlap"]["rte"]["rte"] == 32
+    assert 0 < report["overlap"]["rte"]["boolq"] <= 32
+    assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")
+    assert "not a model pruned by dietprune" in run_error(capsys, ["inspect", str(tiny_dir)])

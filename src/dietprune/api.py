@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +24,6 @@ from dietprune.models.load import ModelSource, cache_root, load_config, load_mod
 from dietprune.profile import ActivationStats, profile
 from dietprune.scores import load_scores, model_fingerprint, save_scores
 from dietprune.slice import kept_width_step, slice_model
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +47,9 @@ class PruneSettings:
     round_to: int = 8
     merge: str = "vote"
     aggregation: str = "l1"
+    recover: str = "none"  # "lsq": closed-form refit of the kept reader weights (recover.py)
+    recover_samples: int = 32  # per task: the first of the calibration samples
+    recover_alpha: float = 0.01
 
 
 @dataclass
@@ -127,6 +127,11 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
     keep = merge(scores, k, settings.merge)
     params_before = sum(p.numel() for p in model.parameters())
     sliced = slice_model(model, keep)
+    recovery = None
+    if settings.recover == "lsq":
+        recovery = _recover(model, sliced, tokenizer, profile_settings, settings)
+    elif settings.recover != "none":
+        raise DietError(f"unknown recovery {settings.recover!r}; choose none or lsq")
     del model
     params_after = sum(p.numel() for p in sliced.parameters())
     record = {
@@ -140,6 +145,7 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
         "prune": asdict(settings),
         "profile": meta,
         "task_agreement": agreement(scores, keep, task_names),
+        "recovery": recovery,
     }
     with atomic_dir(out) as tmp:
         sliced.save_pretrained(tmp)
@@ -149,7 +155,85 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
     return PruneResult(out, record)
 
 
+def _recover(dense, sliced, tokenizer, profile_settings: ProfileSettings, settings: PruneSettings) -> dict:
+    """Refit the sliced model's readers on the first calibration samples of each task; record them."""
+    from dietprune.recover import recover
+
+    started = time.perf_counter()
+    ids, texts = {}, []
+    for task in profile_settings.tasks:
+        task_ids, task_texts = calibration_texts(task, profile_settings)
+        ids[task] = task_ids[:settings.recover_samples]
+        texts += task_texts[:settings.recover_samples]
+    recover(dense, sliced, tokenizer, texts, settings.recover_alpha, profile_settings.batch_size,
+            profile_settings.max_length)
+    seconds = round(time.perf_counter() - started, 1)
+    return {"method": "lsq", "alpha": settings.recover_alpha, "seconds": seconds,
+            "tasks": {task: {"ids": task_ids} for task, task_ids in ids.items()}}
+
+
 def agreement(scores: torch.Tensor, keep: torch.Tensor, task_names: list[str]) -> dict[str, int]:
     """For each task, how many of its own top-K dims the global mask keeps."""
     votes = task_votes(scores, len(keep))
     return {t: int(votes[i, keep].sum()) for i, t in enumerate(task_names)}
+
+
+def calibration_ids(model_path: str, settings: ProfileSettings) -> dict[str, set[str]]:
+    """Ids evaluation must skip: those a pruned model records, plus the default calibration subsets
+    (so a dense model and its pruned versions are evaluated on the same examples)."""
+    path = Path(model_path) / "dietprune.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    ids: dict[str, set[str]] = {}
+    for part in (record.get("profile"), record.get("recovery")):
+        for task, meta in (part or {}).get("tasks", {}).items():
+            ids.setdefault(task, set()).update(meta["ids"])
+    for task in settings.tasks:
+        ids.setdefault(task, set()).update(calibration_texts(task, settings)[0])
+    return ids
+
+
+def evaluate_model(model_spec: str | None, tasks: tuple[str, ...], limit: int | None,
+                   profile_settings: ProfileSettings = ProfileSettings(), batch_size: int = 16,
+                   dtype: torch.dtype | None = None, backend: str = "dietprune") -> dict:
+    """Zero-shot accuracy of a model on `tasks`, never on its calibration examples.
+
+    backend "dietprune" is our fast evaluator; "lm-eval" runs lm-evaluation-harness on the same examples.
+    """
+    model, tokenizer, source = load_model(model_spec)
+    exclude = calibration_ids(source.path, profile_settings)
+    if backend == "lm-eval":
+        from dietprune.lm_eval_bridge import evaluate_lm_eval
+
+        results = evaluate_lm_eval(model, tokenizer, tasks, limit, exclude, batch_size,
+                                   profile_settings.data_source)
+    else:
+        from dietprune.evaluate import evaluate
+
+        results = evaluate(model, tokenizer, list(tasks), limit, exclude, batch_size, dtype,
+                           profile_settings.data_source)
+    for task, result in results["tasks"].items():
+        if set(result["ids"]) & exclude.get(task, set()):
+            raise DietError(f"{task}: evaluation examples overlap the calibration examples")
+    results["model"] = source.name
+    return results
+
+
+def run(model_spec: str | None, out: Path, settings: PruneSettings = PruneSettings(),
+        profile_settings: ProfileSettings = ProfileSettings(), heldout: tuple[str, ...] = ("piqa",),
+        limit: int | None = 100, dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+    """The main job: prune, evaluate dense and pruned on the profiled and held-out tasks, report."""
+    from dietprune.report import comparison_table
+
+    check_output_path(out, overwrite)
+    tasks = tuple(profile_settings.tasks) + tuple(t for t in heldout if t not in profile_settings.tasks)
+    with atomic_dir(out) as tmp:
+        pruned = prune(model_spec, tmp / "pruned", settings, profile_settings)
+        dense_results = evaluate_model(model_spec, tasks, limit, profile_settings, dtype=dtype)
+        pruned_results = evaluate_model(str(tmp / "pruned"), tasks, limit, profile_settings, dtype=dtype)
+        pruned_results["model"] = str(out / "pruned")
+        summary = {"prune": {k: v for k, v in pruned.record.items() if k != "kept_dims"},
+                   "dense": dense_results, "pruned": pruned_results, "heldout": list(heldout)}
+        table = comparison_table(dense_results, pruned_results, heldout)
+        (tmp / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "report.md").write_text(table + "\n")
+    return summary | {"table": table}

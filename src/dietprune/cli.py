@@ -30,8 +30,9 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
 def _profile_settings(args: argparse.Namespace):
     from dietprune.api import ProfileSettings
 
-    return ProfileSettings(tuple(args.tasks), args.samples, args.seed, args.site, args.max_length,
-                           args.batch_size, args.data_source)
+    return ProfileSettings(tasks=tuple(args.tasks), samples=args.samples, seed=args.seed, site=args.site,
+                           max_length=args.max_length, batch_size=args.batch_size,
+                           data_source=args.data_source)
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -47,10 +48,18 @@ def cmd_profile(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {len(stats)} tasks, {sum(s.tokens for s in stats.values())} tokens")
 
 
-def cmd_prune(args: argparse.Namespace) -> None:
-    from dietprune.api import PruneSettings, prune
+def _prune_settings(args: argparse.Namespace):
+    from dietprune.api import PruneSettings
 
-    settings = PruneSettings(args.sparsity, args.round_to, args.merge, args.aggregation)
+    return PruneSettings(sparsity=args.sparsity, round_to=args.round_to, merge=args.merge,
+                         aggregation=args.aggregation, recover=args.recover,
+                         recover_samples=args.recover_samples)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from dietprune.api import prune
+
+    settings = _prune_settings(args)
     result = prune(args.model, args.out, settings, _profile_settings(args), args.scores, args.overwrite)
     print(json.dumps(_summary(result.record), indent=2) if args.json else _summary_text(result.record))
 
@@ -72,10 +81,74 @@ def _summary_text(record: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _dtype(name: str):
+    import torch
+
+    return None if name == "float32" else getattr(torch, name)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dietprune.api import evaluate_model
+    from dietprune.evaluate import markdown_table
+    from dietprune.io import check_output_path, write_json_atomic
+
+    if args.out:
+        check_output_path(args.out, args.overwrite)
+    results = evaluate_model(args.model, tuple(args.tasks), args.limit, _profile_settings(args),
+                             args.eval_batch_size, _dtype(args.dtype), args.backend)
+    table = markdown_table(results)
+    if args.out:
+        write_json_atomic(args.out, results)
+        args.out.with_suffix(".md").write_text(table + "\n")
+    print(json.dumps(results["average"]) if args.json else table)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from dietprune.api import run
+
+    settings = _prune_settings(args)
+    summary = run(args.model, args.out, settings, _profile_settings(args), tuple(args.heldout), args.limit,
+                  _dtype(args.dtype), args.overwrite)
+    print(_summary_text(summary["prune"]))
+    print(summary["table"])
+    print(f"report: {args.out / 'report.md'} and report.json; pruned model: {args.out / 'pruned'}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from dietprune.inspection import inspect_model, inspect_scores, plot_scores, render
+
+    if args.path.is_dir():
+        report = inspect_model(args.path)
+    else:
+        report = inspect_scores(args.path, args.k, args.aggregation)
+        if args.plot:
+            plot_scores(args.path, args.plot, args.aggregation)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+
+
+def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     from dietprune.merge import MERGES
     from dietprune.profile import AGGREGATIONS
 
+    group = parser.add_argument_group("pruning")
+    group.add_argument("--sparsity", type=float, default=0.2, help="fraction of hidden dims to remove")
+    group.add_argument("--round-to", type=int, default=8,
+                       help="K is a multiple of this and of the head count")
+    group.add_argument("--merge", choices=MERGES, default="vote")
+    group.add_argument("--aggregation", choices=AGGREGATIONS, default="l1")
+    group.add_argument("--recover", choices=("none", "lsq"), default="none",
+                       help="lsq: refit kept reader weights in closed form (no training)")
+    group.add_argument("--recover-samples", type=int, default=32, help="per task, from the calibration set")
+
+
+def _add_eval_options(parser: argparse.ArgumentParser, limit: int | None) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--limit", type=int, default=limit, help="examples per task (after exclusions)")
+    group.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    group.add_argument("--eval-batch-size", type=int, default=16)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diet", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,14 +165,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="as for `diet profile`")
     p.add_argument("--out", type=Path, default=Path("out/pruned"))
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--sparsity", type=float, default=0.2, help="fraction of hidden dims to remove")
-    p.add_argument("--round-to", type=int, default=8, help="K is a multiple of this and of the head count")
-    p.add_argument("--merge", choices=MERGES, default="vote")
-    p.add_argument("--aggregation", choices=AGGREGATIONS, default="l1")
     p.add_argument("--scores", type=Path, help="use this score file instead of profiling")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_prune_options(p)
     _add_profile_options(p)
     p.set_defaults(run=cmd_prune)
+
+    p = commands.add_parser("eval", help="zero-shot accuracy on the tasks (never on calibration examples)")
+    p.add_argument("model", nargs="?", help="as for `diet profile`")
+    p.add_argument("--out", type=Path, help="write results JSON here (and a .md table beside it)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--backend", choices=("dietprune", "lm-eval"), default="dietprune")
+    p.add_argument("--json", action="store_true", help="print the averages as JSON")
+    _add_eval_options(p, limit=None)
+    _add_profile_options(p)
+    p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("run", help="the main job: prune, evaluate dense and pruned, report")
+    p.add_argument("--model", help="as for `diet profile`")
+    p.add_argument("--out", type=Path, default=Path("out/run"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--heldout", nargs="*", default=["piqa"], help="tasks evaluated but never profiled")
+    _add_prune_options(p)
+    _add_eval_options(p, limit=100)
+    _add_profile_options(p)
+    p.set_defaults(run=cmd_run)
+
+    p = commands.add_parser("inspect", help="summarise a score file or a pruned model")
+    p.add_argument("path", type=Path)
+    p.add_argument("--k", type=int, help="top-K size for the overlap matrix (default: 80%% of dims)")
+    p.add_argument("--aggregation", choices=("l1", "l2"), default="l1")
+    p.add_argument("--plot", type=Path, help="write a PNG of the score distributions here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_inspect)
     return parser
 
 

@@ -37,6 +37,9 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary directory next to `out`; on success it replaces `out`, on failure it vanishes."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
     try:
         yield tmp
         if out.exists():

@@ -1,0 +1,129 @@
+"""Training-free recovery: refit the kept input columns of every residual reader in closed form.
+
+After slicing, a reader W (out x d) sees the pruned model's normalised residual n' (K dims) instead of
+the dense model's n (d dims). Block by block, on calibration tokens, we fit
+
+    W' = argmin ||W' n' - W n||^2 + lam ||W' - W_K||^2  =  (W C_nn' + lam W_K) (C_n'n' + lam I)^-1
+
+where C_nn' = sum n n'^T, C_n'n' = sum n' n'^T and W_K = W[:, kept] is the plain sliced weight. Ridge
+towards W_K (not towards 0) means nothing changes when nothing is pruned, and directions the
+calibration data does not excite keep their sliced values. lam = alpha * trace(C_n'n') / K
+(alpha = 0.01 by default, GPTQ's dampening). One K x K solve per norm site (q/k/v share one, gate/up
+the other). Blocks are processed in order and the pruned model's inputs are those of the blocks already
+repaired (sequential, as in SparseGPT-style one-shot methods). Memory holds the hidden states of the
+calibration tokens (tokens x (d + K) floats) and the d x K statistics, never per-token activations
+of a whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dietprune.models.adapters import adapter_for
+from dietprune.profile import pad
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer inputs are captured."""
+
+
+def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Per batch: the first block's input and every block's keyword arguments (masks, positions)."""
+    layers = model.get_submodule(adapter_for(model.config).layers)
+    hidden, kwargs = [], []
+
+    def capture(index: int):
+        def hook(_module, args, kw):
+            if index == 0:
+                hidden.append(args[0] if args else kw["hidden_states"])
+            kwargs[-1].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            if index == len(layers) - 1:
+                raise _Stop
+        return hook
+
+    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            kwargs.append([])
+            with contextlib.suppress(_Stop):
+                model.get_decoder()(**batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hidden, kwargs
+
+
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[list[dict]], index: int,
+               hooks: dict[nn.Module, callable] | None = None) -> list[torch.Tensor]:
+    handles = [m.register_forward_pre_hook(h) for m, h in (hooks or {}).items()]
+    try:
+        out = []
+        for h, kw in zip(hidden, kwargs, strict=True):
+            result = layer(h, **kw[index])
+            out.append(result[0] if isinstance(result, tuple) else result)
+        return out
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _capture_inputs(layer: nn.Module, names: list[str], hidden, kwargs, index, masks
+                    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Each named module's input (the normalised residual) on real tokens, and the layer's outputs."""
+    seen: dict[str, list] = {name: [] for name in names}
+
+    def hook(name: str):
+        def capture(_module, args):
+            seen[name].append(args[0])
+        return capture
+
+    outputs = _run_layer(layer, hidden, kwargs, index, {layer.get_submodule(n): hook(n) for n in names})
+    inputs = {n: torch.cat([x[m.bool()] for x, m in zip(seen[n], masks, strict=True)]).double()
+              for n in names}
+    return inputs, outputs
+
+
+@torch.inference_mode()
+def recover(dense: nn.Module, pruned: nn.Module, tokenizer, texts: list[str],
+            alpha: float = 0.01, batch_size: int = 8, max_length: int = 1024) -> None:
+    """Refit `pruned`'s residual readers in place so their outputs match `dense`'s on `texts`."""
+    adapter = adapter_for(dense.config)
+    groups = [[n for n in adapter.readers if n.startswith("self_attn.")],
+              [n for n in adapter.readers if n.startswith("mlp.")]]
+    encoded = sorted((tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts),
+                     key=len, reverse=True)
+    batches = [pad(encoded[i:i + batch_size]) for i in range(0, len(encoded), batch_size)]
+    masks = [b["attention_mask"] for b in batches]
+    dense_hidden, kwargs = _layer_inputs(dense, batches)
+    pruned_hidden, _ = _layer_inputs(pruned, batches)
+    dense_layers = dense.get_submodule(adapter.layers)
+    pruned_layers = pruned.get_submodule(adapter.layers)
+    for index in tqdm(range(len(dense_layers)), desc="recover", unit="block", leave=False):
+        dense_layer, pruned_layer = dense_layers[index], pruned_layers[index]
+        first = [group[0] for group in groups]  # the readers of a group share their input
+        targets, dense_hidden = _capture_inputs(dense_layer, first, dense_hidden, kwargs, index, masks)
+        for group in groups:
+            inputs, _ = _capture_inputs(pruned_layer, group[:1], pruned_hidden, kwargs, index, masks)
+            _refit(dense_layer, pruned_layer, group, targets[group[0]], inputs[group[0]], alpha)
+        pruned_hidden = _run_layer(pruned_layer, pruned_hidden, kwargs, index)
+
+
+@torch.no_grad()
+def _refit(dense_layer: nn.Module, pruned_layer: nn.Module, names: list[str], n: torch.Tensor,
+           n_pruned: torch.Tensor, alpha: float) -> None:
+    """Solve for the pruned readers `names` given dense inputs n (T x d) and pruned inputs (T x K)."""
+    gram = n_pruned.T @ n_pruned  # K x K
+    cross = n.T @ n_pruned  # d x K
+    lam = alpha * gram.diagonal().mean()
+    system = gram + lam * torch.eye(len(gram), dtype=gram.dtype)
+    for name in names:
+        weight = dense_layer.get_submodule(name).weight.double()
+        target = pruned_layer.get_submodule(name).weight
+        rhs = weight @ cross + lam * target.double()  # out x K; target holds W_K (sliced, unscaled)
+        solved = torch.linalg.solve(system, rhs.T).T  # system is symmetric
+        target.copy_(solved.to(target.dtype))
