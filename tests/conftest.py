@@ -60,6 +60,24 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+FAST_PROFILE = ["--samples", "4", "--tasks", "arc_easy", "boolq", "rte"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Gemma-3 checkpoint with a tokenizer, saved like any HF model directory."""
+    path = tmp_path_factory.mktemp("models") / "tiny-gemma3"
+    tiny_model("gemma3_text").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A fresh dietprune cache (scores, converted models) per test."""
+    monkeypatch.setenv("DIETPRUNE_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(params=sorted(CONFIGS))
 def model_type(request) -> str:
     return request.param

@@ -9,25 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model, tiny_tokenizer
+from conftest import FAST_PROFILE
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from dietprune.cli import main
 
-FAST = ["--samples", "4", "--tasks", "arc_easy", "boolq", "rte"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "tiny-gemma3"
-    tiny_model("gemma3_text").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIETPRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+FAST = FAST_PROFILE
 
 
 def snapshot(path: Path) -> dict[str, bytes]:

@@ -19,11 +19,14 @@ from dietprune import tasks as task_registry
 from dietprune.errors import DietError
 from dietprune.io import atomic_dir, check_output_path
 from dietprune.merge import kept_width, merge, task_votes
+from dietprune.methods import check_method, generic_texts, magnitude_scores, random_scores
 from dietprune.models.adapters import adapter_for
 from dietprune.models.load import ModelSource, cache_root, load_config, load_model, resolve
 from dietprune.profile import ActivationStats, profile
 from dietprune.scores import load_scores, model_fingerprint, save_scores
 from dietprune.slice import kept_width_step, slice_model
+
+RECOVERIES = ("none", "lsq")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class PruneSettings:
 
     sparsity: float = 0.2
     round_to: int = 8
+    method: str = "diet"  # see methods.py
     merge: str = "vote"
     aggregation: str = "l1"
     recover: str = "none"  # "lsq": closed-form refit of the kept reader weights (recover.py)
@@ -70,23 +74,30 @@ def calibration_texts(task: str, settings: ProfileSettings) -> tuple[list[str], 
 
 def profile_tasks(model, tokenizer, source: ModelSource, settings: ProfileSettings,
                   use_cache: bool = True) -> tuple[dict[str, ActivationStats], dict]:
-    """Per-task activation stats and their metadata; finished tasks are cached and reused."""
+    """Per-task activation stats of the tasks' calibration subsets, and their metadata."""
+    corpora = {task: calibration_texts(task, settings) for task in settings.tasks}
+    return profile_corpora(model, tokenizer, source, corpora, settings, use_cache)
+
+
+def profile_corpora(model, tokenizer, source: ModelSource, corpora: dict[str, tuple[list[str], list[str]]],
+                    settings: ProfileSettings, use_cache: bool = True
+                    ) -> tuple[dict[str, ActivationStats], dict]:
+    """Activation stats per named corpus of (ids, texts); finished corpora are cached and reused."""
     adapter_for(model.config)
     fingerprint = model_fingerprint(model)
-    stats, task_meta = {}, {}
-    for task in settings.tasks:
-        ids, texts = calibration_texts(task, settings)
-        key = _cache_key(fingerprint, task, ids, settings)
+    stats, corpus_meta = {}, {}
+    for name, (ids, texts) in corpora.items():
+        key = _cache_key(fingerprint, name, ids, settings)
         cached = cache_root() / "scores" / f"{key}.safetensors"
         if use_cache and cached.is_file():
-            stats[task] = load_scores(cached)[0][task]
+            stats[name] = load_scores(cached)[0][name]
         else:
-            stats[task] = profile(model, tokenizer, texts, settings.site, settings.batch_size,
-                                  settings.max_length, desc=f"profile {task}")
-            save_scores(cached, {task: stats[task]}, {"tasks": [task], "key": key})
-        task_meta[task] = {"ids": ids, "tokens": stats[task].tokens}
+            stats[name] = profile(model, tokenizer, texts, settings.site, settings.batch_size,
+                                  settings.max_length, desc=f"profile {name}")
+            save_scores(cached, {name: stats[name]}, {"tasks": [name], "key": key})
+        corpus_meta[name] = {"ids": ids, "tokens": stats[name].tokens}
     meta = {"model": source.name, "model_fingerprint": fingerprint,
-            "hidden_size": model.config.hidden_size, "settings": asdict(settings), "tasks": task_meta,
+            "hidden_size": model.config.hidden_size, "settings": asdict(settings), "tasks": corpus_meta,
             "versions": versions()}
     return stats, meta
 
@@ -108,6 +119,9 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
           overwrite: bool = False) -> PruneResult:
     """Profile (or read scores), merge into one mask, slice, and save a standard HF checkpoint."""
     started = time.perf_counter()
+    check_method(settings.method)
+    if settings.recover not in RECOVERIES:
+        raise DietError(f"unknown recovery {settings.recover!r}; choose one of {', '.join(RECOVERIES)}")
     source = resolve(model_spec)
     check_output_path(out, overwrite, protected=(Path(source.path),) if Path(source.path).exists() else ())
     config = load_config(source)
@@ -121,17 +135,15 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
                             f"not {d}; profile this model")
     model, tokenizer, source = load_model(model_spec)
     if scores_path is None:
-        stats, meta = profile_tasks(model, tokenizer, source, profile_settings)
-    task_names = list(stats)
-    scores = torch.stack([stats[t].score(settings.aggregation) for t in task_names])
+        stats, meta = method_stats(settings.method, model, tokenizer, source, profile_settings)
+    names = list(stats)
+    scores = torch.stack([stats[name].score(settings.aggregation) for name in names])
     keep = merge(scores, k, settings.merge)
     params_before = sum(p.numel() for p in model.parameters())
     sliced = slice_model(model, keep)
     recovery = None
     if settings.recover == "lsq":
         recovery = _recover(model, sliced, tokenizer, profile_settings, settings)
-    elif settings.recover != "none":
-        raise DietError(f"unknown recovery {settings.recover!r}; choose none or lsq")
     del model
     params_after = sum(p.numel() for p in sliced.parameters())
     record = {
@@ -144,7 +156,7 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
         "params_after": params_after,
         "prune": asdict(settings),
         "profile": meta,
-        "task_agreement": agreement(scores, keep, task_names),
+        "task_agreement": agreement(scores, keep, names),
         "recovery": recovery,
     }
     with atomic_dir(out) as tmp:
@@ -153,6 +165,21 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
         record["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / "dietprune.json").write_text(json.dumps(record, indent=2) + "\n")
     return PruneResult(out, record)
+
+
+def method_stats(method: str, model, tokenizer, source: ModelSource, profile_settings: ProfileSettings
+                 ) -> tuple[dict[str, ActivationStats], dict]:
+    """Per source (a task, a corpus, or the data-free method itself), the stats its scores come from."""
+    if method == "diet":
+        return profile_tasks(model, tokenizer, source, profile_settings)
+    if method == "agnostic":
+        corpus = generic_texts(profile_settings.samples * len(profile_settings.tasks))
+        return profile_corpora(model, tokenizer, source, {"lambada": corpus}, profile_settings)
+    meta = {"model": source.name, "hidden_size": model.config.hidden_size, "versions": versions()}
+    if method == "magnitude":
+        return {"magnitude": ActivationStats.fixed(magnitude_scores(model))}, meta
+    scores = random_scores(model.config.hidden_size, profile_settings.seed)
+    return {"random": ActivationStats.fixed(scores)}, meta
 
 
 def _recover(dense, sliced, tokenizer, profile_settings: ProfileSettings, settings: PruneSettings) -> dict:

@@ -51,7 +51,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 def _prune_settings(args: argparse.Namespace):
     from dietprune.api import PruneSettings
 
-    return PruneSettings(sparsity=args.sparsity, round_to=args.round_to, merge=args.merge,
+    return PruneSettings(sparsity=args.sparsity, round_to=args.round_to, method=args.method, merge=args.merge,
                          aggregation=args.aggregation, recover=args.recover,
                          recover_samples=args.recover_samples)
 
@@ -114,6 +114,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"report: {args.out / 'report.md'} and report.json; pruned model: {args.out / 'pruned'}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from dietprune.sweep import sweep
+
+    results = sweep(args.model, args.out, args.methods, args.sparsities, args.recover_modes,
+                    _prune_settings(args), _profile_settings(args), tuple(args.heldout), args.limit,
+                    _dtype(args.dtype))
+    print((args.out / "results.md").read_text())
+    print(f"{len(results['cells'])} cells in {args.out}/cells; results.json, results.md, accuracy.png")
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from dietprune.inspection import inspect_model, inspect_scores, plot_scores, render
 
@@ -127,16 +137,19 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
+    from dietprune.api import RECOVERIES
     from dietprune.merge import MERGES
+    from dietprune.methods import METHODS
     from dietprune.profile import AGGREGATIONS
 
     group = parser.add_argument_group("pruning")
     group.add_argument("--sparsity", type=float, default=0.2, help="fraction of hidden dims to remove")
     group.add_argument("--round-to", type=int, default=8,
                        help="K is a multiple of this and of the head count")
-    group.add_argument("--merge", choices=MERGES, default="vote")
+    group.add_argument("--method", choices=METHODS, default="diet", help="how dims are scored")
+    group.add_argument("--merge", choices=MERGES, default="vote", help="how per-task scores combine")
     group.add_argument("--aggregation", choices=AGGREGATIONS, default="l1")
-    group.add_argument("--recover", choices=("none", "lsq"), default="none",
+    group.add_argument("--recover", choices=RECOVERIES, default="none",
                        help="lsq: refit kept reader weights in closed form (no training)")
     group.add_argument("--recover-samples", type=int, default=32, help="per task, from the calibration set")
 
@@ -190,6 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p, limit=100)
     _add_profile_options(p)
     p.set_defaults(run=cmd_run)
+
+    from dietprune.api import RECOVERIES
+    from dietprune.sweep import VARIANTS
+
+    p = commands.add_parser("sweep", help="methods x sparsities x recovery -> table and plot (resumable)")
+    p.add_argument("--model", help="as for `diet profile`")
+    p.add_argument("--out", type=Path, default=Path("out/sweep"))
+    p.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
+    p.add_argument("--recover-modes", nargs="+", choices=RECOVERIES, default=["none"])
+    p.add_argument("--heldout", nargs="*", default=["piqa"], help="tasks evaluated but never profiled")
+    _add_prune_options(p)
+    _add_eval_options(p, limit=100)
+    _add_profile_options(p)
+    p.set_defaults(run=cmd_sweep)
 
     p = commands.add_parser("inspect", help="summarise a score file or a pruned model")
     p.add_argument("path", type=Path)

@@ -40,6 +40,11 @@ class ActivationStats:
             return (self.sum_sq / self.tokens).sqrt()
         raise DietError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
 
+    @classmethod
+    def fixed(cls, score: torch.Tensor) -> ActivationStats:
+        """Stats whose l1 and l2 scores both equal `score` (for data-free methods)."""
+        return cls(score.double(), score.double().square(), 1)
+
     def __add__(self, other: ActivationStats) -> ActivationStats:
         return ActivationStats(self.sum_abs + other.sum_abs, self.sum_sq + other.sum_sq,
                                self.tokens + other.tokens)

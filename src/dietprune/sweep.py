@@ -1,0 +1,128 @@
+"""`diet sweep`: methods x sparsities (x recovery) -> cached cells, a results JSON, tables and a plot.
+
+Each cell prunes with the same slicing path, evaluates on the profiled tasks and the held-out ones, and
+is saved as its own JSON file; a re-run skips finished cells, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from dietprune.api import ProfileSettings, PruneSettings, evaluate_model, prune
+from dietprune.io import write_json_atomic
+
+# A variant is a method with its settings; "mean" is DIET's ablation without voting.
+VARIANTS = {
+    "diet": {"method": "diet", "merge": "vote"},
+    "mean": {"method": "diet", "merge": "mean"},
+    "agnostic": {"method": "agnostic"},
+    "magnitude": {"method": "magnitude"},
+    "random": {"method": "random"},
+}
+
+
+def cell_name(variant: str, sparsity: float, recover: str) -> str:
+    return f"{variant}-s{round(sparsity * 100):02d}-{recover}"
+
+
+def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: list[float],
+          recoveries: list[str], base: PruneSettings, profile_settings: ProfileSettings,
+          heldout: tuple[str, ...], limit: int | None, dtype=None) -> dict:
+    """Run every missing cell, then write results.json, results.md and accuracy.png under `out`."""
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    tasks = tuple(profile_settings.tasks) + tuple(t for t in heldout if t not in profile_settings.tasks)
+
+    def cached(name: str, compute) -> dict:
+        path = cells_dir / f"{name}.json"
+        if not path.is_file():
+            write_json_atomic(path, compute())
+        return json.loads(path.read_text())
+
+    cells = {"dense": cached("dense", lambda: evaluate_model(model_spec, tasks, limit, profile_settings,
+                                                             dtype=dtype))}
+    for sparsity in sparsities:
+        for variant in variants:
+            for recover in recoveries:
+                settings = replace(base, sparsity=sparsity, recover=recover, **VARIANTS[variant])
+                name = cell_name(variant, sparsity, recover)
+                cells[name] = cached(name, lambda s=settings: _prune_and_evaluate(
+                    model_spec, s, profile_settings, tasks, limit, dtype))
+    results = {"tasks": list(tasks), "heldout": list(heldout), "limit": limit, "cells": cells}
+    write_json_atomic(out / "results.json", results)
+    (out / "results.md").write_text(tables(results, variants, sparsities, recoveries) + "\n")
+    plot(results, variants, sparsities, recoveries, out / "accuracy.png")
+    return results
+
+
+def _prune_and_evaluate(model_spec, settings: PruneSettings, profile_settings: ProfileSettings,
+                        tasks: tuple[str, ...], limit: int | None, dtype) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="diet-sweep-"))
+    try:
+        record = prune(model_spec, tmp / "model", settings, profile_settings).record
+        results = evaluate_model(str(tmp / "model"), tasks, limit, profile_settings, dtype=dtype)
+    finally:
+        shutil.rmtree(tmp)
+    results["prune"] = {k: v for k, v in record.items() if k not in ("kept_dims", "profile")}
+    results["kept_dims"] = record["kept_dims"]
+    return results
+
+
+def _average(cell: dict, tasks: list[str]) -> float:
+    return sum(cell["tasks"][t]["acc"] for t in tasks) / len(tasks)
+
+
+def tables(results: dict, variants, sparsities, recoveries) -> str:
+    """Markdown in the paper's shape: one block per sparsity, rows = methods, acc per task + averages."""
+    heldout = results["heldout"]
+    profiled = [t for t in results["tasks"] if t not in heldout]
+    header = ("| method | params | " + " | ".join(profiled) + " | **avg** | "
+              + " | ".join(f"{t} (held out)" for t in heldout) + " |")
+    rule = "|---|---:|" + "---:|" * (len(profiled) + 1 + len(heldout))
+
+    def row(label: str, cell: dict) -> str:
+        params = cell.get("prune", {}).get("params_after")
+        accs = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in profiled]
+        held = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in heldout]
+        return (f"| {label} | {f'{params / 1e6:.1f}M' if params else 'dense'} | " + " | ".join(accs)
+                + f" | **{100 * _average(cell, profiled):.1f}** | " + " | ".join(held) + " |")
+
+    blocks = [f"acc (%), {results['limit']} examples per task; held-out tasks are never profiled.\n",
+              "**dense**\n", header, rule, row("dense", results["cells"]["dense"]), ""]
+    for sparsity in sparsities:
+        blocks += [f"**sparsity {sparsity:.0%}**\n", header, rule]
+        for variant in variants:
+            for recover in recoveries:
+                label = variant + (" + lsq" if recover == "lsq" else "")
+                blocks.append(row(label, results["cells"][cell_name(variant, sparsity, recover)]))
+        blocks.append("")
+    return "\n".join(blocks)
+
+
+def plot(results: dict, variants, sparsities, recoveries, png: Path) -> None:
+    """Average accuracy over the profiled tasks vs sparsity, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiled = [t for t in results["tasks"] if t not in results["heldout"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = 100 * _average(results["cells"]["dense"], profiled)
+    ax.axhline(dense, color="black", ls=":", label="dense")
+    for variant in variants:
+        for recover in recoveries:
+            ys = [100 * _average(results["cells"][cell_name(variant, s, recover)], profiled)
+                  for s in sparsities]
+            ax.plot([100 * s for s in sparsities], ys, marker="o", ls="--" if recover == "lsq" else "-",
+                    label=variant + (" + lsq" if recover == "lsq" else ""))
+    ax.set(xlabel="sparsity (% of hidden dims removed)", ylabel="average acc (%)",
+           title=f"{len(profiled)}-task average, {results['limit']} examples per task")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""Every hidden-dimension method gives a model of the same size through the same path, deterministically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST_PROFILE, tiny_model
+
+from dietprune.cli import main
+from dietprune.methods import generic_texts, magnitude_scores, random_scores
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+
+def prune(tiny_dir: Path, out: Path, *flags: str) -> dict:
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(out), "--sparsity", "0.25",
+                 *FAST_PROFILE, *flags]) == 0
+    return json.loads((out / "dietprune.json").read_text())
+
+
+@pytest.mark.parametrize("flags", [["--method", "diet"], ["--method", "diet", "--merge", "mean"],
+                                   ["--method", "agnostic", "--samples", "2"], ["--method", "magnitude"],
+                                   ["--method", "random"], ["--method", "magnitude", "--recover", "lsq"]])
+def test_same_size_and_deterministic(tiny_dir, tmp_path, flags):
+    first = prune(tiny_dir, tmp_path / "a", *flags)
+    again = prune(tiny_dir, tmp_path / "b", *flags)
+    assert first["hidden_size_after"] == 32 and len(first["kept_dims"]) == 32
+    assert first["params_after"] == prune(tiny_dir, tmp_path / "ref", "--method", "random")["params_after"]
+    assert first["kept_dims"] == again["kept_dims"]
+
+
+def test_random_depends_on_the_seed():
+    assert not torch.equal(random_scores(48, 0), random_scores(48, 1))
+    assert torch.equal(random_scores(48, 3), random_scores(48, 3))
+
+
+def test_magnitude_ranks_a_silenced_dim_last():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            readers = ("embed_tokens.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
+                       "gate_proj.weight", "up_proj.weight", "lm_head.weight")
+            if name.endswith(readers):
+                param[:, 5] = 0
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                param[5, :] = 0
+    scores = magnitude_scores(model)
+    assert scores.shape == (48,) and scores.argmin() == 5 and scores[5] == 0
+
+
+def test_generic_text_is_lambada():
+    ids, texts = generic_texts(3)
+    assert ids == ["0", "1", "2"] and texts[0].startswith("In my palm is a clear stone")
