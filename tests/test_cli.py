@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST_PROFILE
+from conftest import FAST_PROFILE, tiny_model, tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from dietprune.cli import main
@@ -170,3 +170,30 @@ def test_inspect_scores_and_model(tiny_dir, tmp_path, capsys):
     assert 0 < report["overlap"]["rte"]["boolq"] <= 32
     assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")
     assert "not a model pruned by dietprune" in run_error(capsys, ["inspect", str(tiny_dir)])
+
+
+def test_output_under_a_file(tiny_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "file" / "out")])
+    assert "is a file, not a directory" in err
+
+
+def test_too_few_examples_for_the_calibration_size(tiny_dir, tmp_path, capsys):
+    err = run_error(capsys, ["profile", "--model", str(tiny_dir), "--out", str(tmp_path / "s"),
+                             "--tasks", "rte", "--samples", "300"])
+    assert "300 calibration examples from 277 rte examples" in err
+
+
+def test_corrupt_gguf(tmp_path, capsys):
+    (tmp_path / "model.gguf").write_bytes(b"not a gguf file at all" * 10)
+    err = run_error(capsys, ["prune", "--model", str(tmp_path / "model.gguf"), "--out", str(tmp_path / "o")])
+    assert "cannot read GGUF" in err and "magic" in err and not (tmp_path / "o").exists()
+
+
+def test_tokenizer_without_pad_token(tmp_path):
+    model_dir = tmp_path / "nopad"
+    tiny_model("llama").save_pretrained(model_dir)
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(model_dir)
+    assert main(["prune", "--model", str(model_dir), "--out", str(tmp_path / "o"), *FAST]) == 0

@@ -122,8 +122,9 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
     check_method(settings.method)
     if settings.recover not in RECOVERIES:
         raise DietError(f"unknown recovery {settings.recover!r}; choose one of {', '.join(RECOVERIES)}")
+    local = Path(model_spec).expanduser() if model_spec else None
+    check_output_path(out, overwrite, protected=(local,) if local and local.exists() else ())
     source = resolve(model_spec)
-    check_output_path(out, overwrite, protected=(Path(source.path),) if Path(source.path).exists() else ())
     config = load_config(source)
     adapter_for(config)
     d = config.hidden_size

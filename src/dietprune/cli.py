@@ -124,6 +124,16 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"{len(results['cells'])} cells in {args.out}/cells; results.json, results.md, accuracy.png")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from dietprune.bench import bench, table
+    from dietprune.io import write_json_atomic
+
+    result = bench(args.dense, args.pruned, args.repeats, args.dtype)
+    if args.out:
+        write_json_atomic(args.out, result)
+    print(json.dumps(result["speedup"], indent=2) if args.json else table(result))
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from dietprune.inspection import inspect_model, inspect_scores, plot_scores, render
 
@@ -218,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p, limit=100)
     _add_profile_options(p)
     p.set_defaults(run=cmd_sweep)
+
+    p = commands.add_parser("bench", help="prefill/decode throughput and memory: dense vs pruned")
+    p.add_argument("dense")
+    p.add_argument("pruned")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--out", type=Path, help="write the JSON here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_bench)
 
     p = commands.add_parser("inspect", help="summarise a score file or a pruned model")
     p.add_argument("path", type=Path)

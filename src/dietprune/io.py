@@ -22,8 +22,11 @@ def check_output_path(out: Path, overwrite: bool, protected: tuple[Path, ...] = 
             raise DietError(f"output {out} overlaps the input {path}; choose an output path elsewhere")
     if out.exists() and not overwrite:
         raise DietError(f"output {out} already exists; pass --overwrite or choose another path")
-    if not os.access(_existing_ancestor(out), os.W_OK):
-        raise DietError(f"cannot write to {out}: parent directory is not writable")
+    ancestor = _existing_ancestor(out.parent)
+    if not ancestor.is_dir():
+        raise DietError(f"cannot write to {out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise DietError(f"cannot write to {out}: {ancestor} is not writable")
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -1,0 +1,104 @@
+"""`diet bench DENSE PRUNED`: measured vs ideal speedup of a pruned model, and memory.
+
+Each model is measured in its own subprocess (so peak RSS is its own): prefill of 512 tokens at batch
+1 and 8 (logits at the last position only, as generation does), and greedy decoding of 128 new tokens
+at batch 1. One warm-up, then the median of `repeats`. The ideal speedup is the ratio of matmul FLOPs
+per token (attention scores included), which hidden-dimension pruning reduces almost uniformly.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+PROMPT = 512
+NEW_TOKENS = 128
+
+
+def matmul_flops_per_token(model: nn.Module, context: int, with_head: bool) -> float:
+    """2 x (linear-layer parameters) + attention score/value FLOPs at an average context length."""
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    if with_head:
+        linear += head.weight.numel()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
+    return 2 * linear + attention
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure(path: str, repeats: int = 3, dtype: str = "float32") -> dict:
+    """Throughputs and peak RSS of one model (run in a fresh process)."""
+    from dietprune.models.load import load_model
+
+    model, _, _ = load_model(path, dtype=getattr(torch, dtype))
+    vocab = model.config.vocab_size
+    ids = {b: torch.randint(10, vocab, (b, PROMPT), generator=torch.Generator().manual_seed(b))
+           for b in (1, 8)}
+    result = {"model": path, "dtype": dtype, "hidden_size": model.config.hidden_size,
+              "params": sum(p.numel() for p in model.parameters())}
+    for batch, x in ids.items():
+        seconds = _median_seconds(lambda x=x: model(x, logits_to_keep=1, use_cache=False), repeats)
+        result[f"prefill_b{batch}_tok_s"] = batch * PROMPT / seconds
+    prompt = ids[1][:, :32]
+
+    def generate() -> None:
+        model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                       pad_token_id=0)
+
+    result["decode_b1_tok_s"] = NEW_TOKENS / _median_seconds(generate, repeats)
+    result["prefill_flops_per_token"] = matmul_flops_per_token(model, PROMPT // 2, with_head=False)
+    result["decode_flops_per_token"] = matmul_flops_per_token(model, 32 + NEW_TOKENS // 2, with_head=True)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def bench(dense: str, pruned: str, repeats: int = 3, dtype: str = "float32") -> dict:
+    """Measure both models in subprocesses; speedups measured, ideal (FLOP ratio) and their quotient."""
+    runs = {}
+    for name, path in (("dense", dense), ("pruned", pruned)):
+        out = subprocess.run([sys.executable, "-m", "dietprune.bench", path, str(repeats), dtype],
+                             capture_output=True, text=True, check=True)
+        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    d, p = runs["dense"], runs["pruned"]
+    speedups = {}
+    for metric, flops in (("prefill_b1_tok_s", "prefill_flops_per_token"),
+                          ("prefill_b8_tok_s", "prefill_flops_per_token"),
+                          ("decode_b1_tok_s", "decode_flops_per_token")):
+        measured, ideal = p[metric] / d[metric], d[flops] / p[flops]
+        speedups[metric] = {"measured": measured, "ideal": ideal, "ratio": measured / ideal}
+    return {"dense": d, "pruned": p, "speedup": speedups, "torch_threads": torch.get_num_threads()}
+
+
+def table(result: dict) -> str:
+    """Markdown: throughput of both models, measured and ideal speedup."""
+    lines = ["| metric | dense | pruned | speedup | ideal (FLOPs) | measured / ideal |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for metric, s in result["speedup"].items():
+        lines.append(f"| {metric} | {result['dense'][metric]:.1f} | {result['pruned'][metric]:.1f} | "
+                     f"{s['measured']:.3f} | {s['ideal']:.3f} | {s['ratio']:.2f} |")
+    lines.append(f"| peak RSS (MB) | {result['dense']['peak_rss_mb']:.0f} | "
+                 f"{result['pruned']['peak_rss_mb']:.0f} | | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]), sys.argv[3])))
