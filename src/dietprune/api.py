@@ -22,7 +22,7 @@ from dietprune.merge import kept_width, merge, task_votes
 from dietprune.methods import check_method, generic_texts, magnitude_scores, random_scores
 from dietprune.models.adapters import adapter_for
 from dietprune.models.load import ModelSource, cache_root, load_config, load_model, resolve
-from dietprune.profile import ActivationStats, profile
+from dietprune.profile import ActivationStats, is_main_process, profile
 from dietprune.scores import load_scores, model_fingerprint, save_scores
 from dietprune.slice import kept_width_step, slice_model
 
@@ -94,7 +94,8 @@ def profile_corpora(model, tokenizer, source: ModelSource, corpora: dict[str, tu
         else:
             stats[name] = profile(model, tokenizer, texts, settings.site, settings.batch_size,
                                   settings.max_length, desc=f"profile {name}")
-            save_scores(cached, {name: stats[name]}, {"tasks": [name], "key": key})
+            if is_main_process():
+                save_scores(cached, {name: stats[name]}, {"tasks": [name], "key": key})
         corpus_meta[name] = {"ids": ids, "tokens": stats[name].tokens}
     meta = {"model": source.name, "model_fingerprint": fingerprint,
             "hidden_size": model.config.hidden_size, "settings": asdict(settings), "tasks": corpus_meta,

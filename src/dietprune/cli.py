@@ -39,11 +39,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from dietprune.api import profile_tasks
     from dietprune.io import check_output_path
     from dietprune.models.load import load_model
+    from dietprune.profile import is_main_process
     from dietprune.scores import save_scores
 
     check_output_path(args.out, args.overwrite)
     model, tokenizer, source = load_model(args.model)
     stats, meta = profile_tasks(model, tokenizer, source, _profile_settings(args))
+    if not is_main_process():
+        return
     save_scores(args.out, stats, meta)
     print(f"wrote {args.out}: {len(stats)} tasks, {sum(s.tokens for s in stats.values())} tokens")
 

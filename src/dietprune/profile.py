@@ -4,6 +4,10 @@ DIET's score for dimension k on a task is the mean |activation| over all blocks,
 and samples. Averages are linear, so we keep token-weighted sums per dimension (padding excluded) and
 divide at the end; sums from several processes or runs add up exactly.
 
+Data parallel: under torch.distributed (e.g. `torchrun --nproc-per-node 2 -m dietprune.cli profile`),
+each process profiles every world-th text and the sums are all-reduced, so every process holds the
+same totals as a single-process run (up to float summation order).
+
 Activation sites (the paper does not say which; `block_output` is our default):
   block_output  the residual stream after each decoder block (one vector per block and token)
   norm_output   the normalised inputs of the linear layers (each residual norm's output)
@@ -14,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -82,6 +87,8 @@ def profile(model: nn.Module, tokenizer, texts: list[str], site: str = "block_ou
     # longest first, so similar lengths share a batch (little padding) and memory peaks at once
     encoded = sorted((tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts),
                      key=len, reverse=True)
+    rank, world = _process_group()
+    encoded = encoded[rank::world]  # data parallel: each process takes every world-th text
     tokens = 0
     try:
         for start in tqdm(range(0, len(encoded), batch_size), desc=desc, unit="batch", leave=False):
@@ -92,7 +99,29 @@ def profile(model: nn.Module, tokenizer, texts: list[str], site: str = "block_ou
     finally:
         for handle in handles:
             handle.remove()
-    return ActivationStats(sum_abs, sum_sq, tokens)
+    stats = ActivationStats(sum_abs, sum_sq, tokens)
+    return _all_reduce(stats) if world > 1 else stats
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) when it is not in use."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Only the first process writes files when profiling runs data parallel."""
+    return _process_group()[0] == 0
+
+
+def _all_reduce(stats: ActivationStats) -> ActivationStats:
+    """Sum every process's statistics (all processes get the total)."""
+    tokens = torch.tensor([float(stats.tokens)], dtype=torch.float64)
+    packed = torch.cat([stats.sum_abs, stats.sum_sq, tokens])
+    dist.all_reduce(packed)
+    d = len(stats.sum_abs)
+    return ActivationStats(packed[:d], packed[d:2 * d], int(packed[-1]))
 
 
 def pad(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
