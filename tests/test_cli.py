@@ -66,7 +66,8 @@ def test_missing_model(tmp_path, capsys):
 
 
 def test_directory_that_is_not_a_model(tmp_path, capsys):
-    assert "no config.json" in run_error(capsys, ["prune", "--model", str(tmp_path), "--out",
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in run_error(capsys, ["prune", "--model", str(tmp_path / "empty"), "--out",
                                                    str(tmp_path / "o")])
 
 

@@ -54,9 +54,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
 def _prune_settings(args: argparse.Namespace):
     from dietprune.api import PruneSettings
 
-    return PruneSettings(sparsity=args.sparsity, round_to=args.round_to, method=args.method, merge=args.merge,
-                         aggregation=args.aggregation, recover=args.recover,
-                         recover_samples=args.recover_samples)
+    per_cell = {k: getattr(args, k) for k in ("sparsity", "method", "merge", "recover") if hasattr(args, k)}
+    return PruneSettings(round_to=args.round_to, aggregation=args.aggregation,
+                         recover_samples=args.recover_samples, **per_cell)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -122,7 +122,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     results = sweep(args.model, args.out, args.methods, args.sparsities, args.recover_modes,
                     _prune_settings(args), _profile_settings(args), tuple(args.heldout), args.limit,
-                    _dtype(args.dtype))
+                    _dtype(args.dtype), fresh=args.overwrite)
     print((args.out / "results.md").read_text())
     print(f"{len(results['cells'])} cells in {args.out}/cells; results.json, results.md, accuracy.png")
 
@@ -149,21 +149,23 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else render(report))
 
 
-def _add_prune_options(parser: argparse.ArgumentParser) -> None:
+def _add_prune_options(parser: argparse.ArgumentParser, per_cell: bool = False) -> None:
+    """Pruning flags; a sweep sets sparsity, method, merge and recovery per cell instead."""
     from dietprune.api import RECOVERIES
     from dietprune.merge import MERGES
     from dietprune.methods import METHODS
     from dietprune.profile import AGGREGATIONS
 
     group = parser.add_argument_group("pruning")
-    group.add_argument("--sparsity", type=float, default=0.2, help="fraction of hidden dims to remove")
+    if not per_cell:
+        group.add_argument("--sparsity", type=float, default=0.2, help="fraction of hidden dims to remove")
+        group.add_argument("--method", choices=METHODS, default="diet", help="how dims are scored")
+        group.add_argument("--merge", choices=MERGES, default="vote", help="how per-task scores combine")
+        group.add_argument("--recover", choices=RECOVERIES, default="none",
+                           help="lsq: refit kept reader weights in closed form (no training)")
     group.add_argument("--round-to", type=int, default=8,
                        help="K is a multiple of this and of the head count")
-    group.add_argument("--method", choices=METHODS, default="diet", help="how dims are scored")
-    group.add_argument("--merge", choices=MERGES, default="vote", help="how per-task scores combine")
     group.add_argument("--aggregation", choices=AGGREGATIONS, default="l1")
-    group.add_argument("--recover", choices=RECOVERIES, default="none",
-                       help="lsq: refit kept reader weights in closed form (no training)")
     group.add_argument("--recover-samples", type=int, default=32, help="per task, from the calibration set")
 
 
@@ -175,30 +177,33 @@ def _add_eval_options(parser: argparse.ArgumentParser, limit: int | None) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dietprune.api import RECOVERIES
+    from dietprune.sweep import VARIANTS
+
     parser = argparse.ArgumentParser(prog="diet", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("profile", help="score hidden dimensions per task")
-    p.add_argument("--model", help="HF directory, .gguf file, hub id or embedded name "
-                   "(default: the embedded gemma-3-270m)")
-    p.add_argument("--out", type=Path, default=Path("scores.safetensors"))
-    p.add_argument("--overwrite", action="store_true")
-    _add_profile_options(p)
-    p.set_defaults(run=cmd_profile)
+    def command(name: str, help: str, run, out: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help)
+        p.add_argument("--model", help="HF directory, .gguf file, hub id or embedded name "
+                       "(default: the embedded gemma-3-270m)")
+        p.add_argument("--out", type=Path, default=Path(out))
+        p.add_argument("--overwrite", action="store_true")
+        p.set_defaults(run=run)
+        return p
 
-    p = commands.add_parser("prune", help="profile, merge into one mask, slice, save a HF checkpoint")
-    p.add_argument("--model", help="as for `diet profile`")
-    p.add_argument("--out", type=Path, default=Path("out/pruned"))
-    p.add_argument("--overwrite", action="store_true")
+    p = command("profile", "score hidden dimensions per task", cmd_profile, "scores.safetensors")
+    _add_profile_options(p)
+
+    p = command("prune", "profile, merge into one mask, slice, save a HF checkpoint", cmd_prune, "out/pruned")
     p.add_argument("--scores", type=Path, help="use this score file instead of profiling")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_prune_options(p)
     _add_profile_options(p)
-    p.set_defaults(run=cmd_prune)
 
     p = commands.add_parser("eval", help="zero-shot accuracy on the tasks (never on calibration examples)")
-    p.add_argument("model", nargs="?", help="as for `diet profile`")
+    p.add_argument("model", nargs="?", help="as for `diet profile --model`")
     p.add_argument("--out", type=Path, help="write results JSON here (and a .md table beside it)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--backend", choices=("dietprune", "lm-eval"), default="dietprune")
@@ -207,30 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_options(p)
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("run", help="the main job: prune, evaluate dense and pruned, report")
-    p.add_argument("--model", help="as for `diet profile`")
-    p.add_argument("--out", type=Path, default=Path("out/run"))
-    p.add_argument("--overwrite", action="store_true")
+    p = command("run", "the main job: prune, evaluate dense and pruned, report", cmd_run, "out/run")
     p.add_argument("--heldout", nargs="*", default=["piqa"], help="tasks evaluated but never profiled")
-    _add_prune_options(p)
+    _add_prune_options(p, per_cell=True)
     _add_eval_options(p, limit=100)
     _add_profile_options(p)
-    p.set_defaults(run=cmd_run)
 
-    from dietprune.api import RECOVERIES
-    from dietprune.sweep import VARIANTS
-
-    p = commands.add_parser("sweep", help="methods x sparsities x recovery -> table and plot (resumable)")
-    p.add_argument("--model", help="as for `diet profile`")
-    p.add_argument("--out", type=Path, default=Path("out/sweep"))
+    p = command("sweep", "methods x sparsities x recovery -> table and plot (resumable)", cmd_sweep,
+                "out/sweep")
     p.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
     p.add_argument("--recover-modes", nargs="+", choices=RECOVERIES, default=["none"])
     p.add_argument("--heldout", nargs="*", default=["piqa"], help="tasks evaluated but never profiled")
-    _add_prune_options(p)
+    _add_prune_options(p, per_cell=True)
     _add_eval_options(p, limit=100)
     _add_profile_options(p)
-    p.set_defaults(run=cmd_sweep)
 
     p = commands.add_parser("bench", help="prefill/decode throughput and memory: dense vs pruned")
     p.add_argument("dense")

@@ -31,9 +31,13 @@ def cell_name(variant: str, sparsity: float, recover: str) -> str:
 
 def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: list[float],
           recoveries: list[str], base: PruneSettings, profile_settings: ProfileSettings,
-          heldout: tuple[str, ...], limit: int | None, dtype=None) -> dict:
-    """Run every missing cell, then write results.json, results.md and accuracy.png under `out`."""
+          heldout: tuple[str, ...], limit: int | None, dtype=None, fresh: bool = False) -> dict:
+    """Run every missing cell, then write results.json, results.md and accuracy.png under `out`.
+
+    `fresh` discards the cells of an earlier sweep in `out` instead of resuming from them."""
     cells_dir = out / "cells"
+    if fresh and cells_dir.exists():
+        shutil.rmtree(cells_dir)
     cells_dir.mkdir(parents=True, exist_ok=True)
     tasks = tuple(profile_settings.tasks) + tuple(t for t in heldout if t not in profile_settings.tasks)
 
