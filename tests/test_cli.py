@@ -198,3 +198,12 @@ def test_tokenizer_without_pad_token(tmp_path):
     tokenizer.pad_token = None
     tokenizer.save_pretrained(model_dir)
     assert main(["prune", "--model", str(model_dir), "--out", str(tmp_path / "o"), *FAST]) == 0
+
+
+def test_quiet_prints_no_progress_bars(tiny_dir, tmp_path):
+    env = os.environ | {"DIETPRUNE_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "dietprune.cli", "--quiet", "prune", "--model", str(tiny_dir),
+                          "--out", str(tmp_path / "o"), "--json", *FAST], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 0 and run.stderr == ""
+    assert json.loads(run.stdout)["hidden_size_after"] == 40

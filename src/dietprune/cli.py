@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
+from dietprune import progress
 from dietprune.errors import DietError
 
 
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="diet", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, run, out: str) -> argparse.ArgumentParser:
@@ -250,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="diet: %(message)s")
+    progress.SETTINGS["enabled"] = not args.quiet
     if not args.debug:  # our own progress bars and messages only
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()

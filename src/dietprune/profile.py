@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from dietprune.errors import DietError
 from dietprune.models.adapters import adapter_for
+from dietprune.progress import progress
 
 SITES = ("block_output", "norm_output")
 AGGREGATIONS = ("l1", "l2")
@@ -91,7 +91,7 @@ def profile(model: nn.Module, tokenizer, texts: list[str], site: str = "block_ou
     encoded = encoded[rank::world]  # data parallel: each process takes every world-th text
     tokens = 0
     try:
-        for start in tqdm(range(0, len(encoded), batch_size), desc=desc, unit="batch", leave=False):
+        for start in progress(range(0, len(encoded), batch_size), desc=desc, unit="batch"):
             batch = pad(encoded[start:start + batch_size])
             token_mask = batch["attention_mask"].unsqueeze(-1).to(model.dtype)
             model.get_decoder()(**batch)  # the LM head plays no part in the scores

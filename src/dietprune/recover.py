@@ -21,10 +21,10 @@ import contextlib
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dietprune.models.adapters import adapter_for
 from dietprune.profile import pad
+from dietprune.progress import progress
 
 
 class _Stop(Exception):
@@ -103,7 +103,7 @@ def recover(dense: nn.Module, pruned: nn.Module, tokenizer, texts: list[str],
     pruned_hidden, _ = _layer_inputs(pruned, batches)
     dense_layers = dense.get_submodule(adapter.layers)
     pruned_layers = pruned.get_submodule(adapter.layers)
-    for index in tqdm(range(len(dense_layers)), desc="recover", unit="block", leave=False):
+    for index in progress(range(len(dense_layers)), desc="recover", unit="block"):
         dense_layer, pruned_layer = dense_layers[index], pruned_layers[index]
         first = [group[0] for group in groups]  # the readers of a group share their input
         targets, dense_hidden = _capture_inputs(dense_layer, first, dense_hidden, kwargs, index, masks)

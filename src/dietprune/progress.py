@@ -1,0 +1,13 @@
+"""Progress bars for every long step (tqdm on stderr); `diet --quiet` turns them all off."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+SETTINGS = {"enabled": True}
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar that disappears when done, unless progress is switched off."""
+    kwargs.setdefault("leave", False)
+    return tqdm(iterable, disable=not SETTINGS["enabled"] or kwargs.pop("disable", False), **kwargs)
