@@ -222,7 +222,7 @@ def calibration_ids(model_path: str, settings: ProfileSettings) -> dict[str, set
 
 
 def evaluate_model(model_spec: str | None, tasks: tuple[str, ...], limit: int | None,
-                   profile_settings: ProfileSettings = ProfileSettings(), batch_size: int = 16,
+                   profile_settings: ProfileSettings = ProfileSettings(), batch_size: int = 64,
                    dtype: torch.dtype | None = None, backend: str = "dietprune") -> dict:
     """Zero-shot accuracy of a model on `tasks`, never on its calibration examples.
 
@@ -233,8 +233,8 @@ def evaluate_model(model_spec: str | None, tasks: tuple[str, ...], limit: int | 
     if backend == "lm-eval":
         from dietprune.lm_eval_bridge import evaluate_lm_eval
 
-        results = evaluate_lm_eval(model, tokenizer, tasks, limit, exclude, batch_size,
-                                   profile_settings.data_source)
+        results = evaluate_lm_eval(model, tokenizer, tasks, limit, exclude,  # its own batch size:
+                                   source=profile_settings.data_source)  # it scores full-vocab logits
     else:
         from dietprune.evaluate import evaluate
 
