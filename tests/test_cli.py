@@ -207,3 +207,74 @@ def test_quiet_prints_no_progress_bars(tiny_dir, tmp_path):
                          env=env)
     assert run.returncode == 0 and run.stderr == ""
     assert json.loads(run.stdout)["hidden_size_after"] == 40
+
+
+def test_unsupported_gguf_quantisation(tmp_path, capsys):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "q8k.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    kind = gguf.GGMLQuantizationType.Q8_K  # a type gguf can quantise into but not dequantize
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros(gguf.GGML_QUANT_SIZES[kind][1], dtype=np.uint8),
+                      raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    err = run_error(capsys, ["prune", "--model", str(path), "--out", str(tmp_path / "o")])
+    assert "tensor blk.0.attn_q.weight is quantised as Q8_K, which cannot be dequantized" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_while_saving_keeps_nothing(tiny_dir, tmp_path, monkeypatch, capsys):
+    from transformers import PreTrainedModel
+
+    def interrupted(self, path, **kwargs):
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # neither the output nor a temporary
+
+
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+from transformers import PreTrainedModel
+from dietprune.cli import main
+
+def killed(self, path, **kwargs):
+    original(self, path, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind runs
+
+original, PreTrainedModel.save_pretrained = PreTrainedModel.save_pretrained, killed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_while_saving_leaves_no_output_and_the_next_run_cleans_up(tiny_dir, tmp_path):
+    env = os.environ | {"DIETPRUNE_CACHE": str(tmp_path / "cache")}
+    argv = ["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST]
+    run = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, *argv], capture_output=True, env=env)
+    assert run.returncode == -9
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+    assert not (tmp_path / "o").exists() and len(leftovers) == 1
+    assert (leftovers[0] / "model.safetensors").is_file()  # the killed run's half-finished work
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "o"]
+
+
+def test_an_output_set_aside_by_a_killed_overwrite_is_put_back(tmp_path):
+    from dietprune.io import atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    set_aside = tmp_path / f".o.{dead}.old"  # killed between moving the old output away and renaming
+    set_aside.mkdir()
+    (set_aside / "mine").write_text("user data")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "o"):
+        raise RuntimeError("the new run fails too")
+    assert (tmp_path / "o" / "mine").read_text() == "user data"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]

@@ -10,6 +10,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from dietprune.errors import DietError
 from dietprune.evaluate import (
     _build_rows,
     _encode_requests,
@@ -146,9 +147,21 @@ def test_perplexity_matches_naive(tokenizer):
             logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
         nll -= sum(logprobs[i, t].item() for i, t in enumerate(ids[1:]))
         count += len(ids) - 1
-    assert perplexity(model, tokenizer, texts, max_length=20, batch_size=2) == pytest.approx(
-        math.exp(nll / count), rel=1e-5
-    )
+    result = perplexity(model, tokenizer, texts, max_length=20, batch_size=2)
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert result["tokens"] == count and result["texts"] == 3
+
+
+def test_perplexity_text_is_never_calibration_text():
+    from dietprune.methods import generic_texts
+    from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
+
+    passages = lambada_passages()
+    held_out = {i for i, _ in passages[-PERPLEXITY_PASSAGES:]}
+    ids, _ = generic_texts(len(passages) - PERPLEXITY_PASSAGES)  # the largest generic calibration set
+    assert len(held_out) == PERPLEXITY_PASSAGES and not held_out & set(ids)
+    with pytest.raises(DietError, match="calibration passages"):
+        generic_texts(len(passages) - PERPLEXITY_PASSAGES + 1)
 
 
 @pytest.mark.slow

@@ -223,8 +223,10 @@ def calibration_ids(model_path: str, settings: ProfileSettings) -> dict[str, set
 
 def evaluate_model(model_spec: str | None, tasks: tuple[str, ...], limit: int | None,
                    profile_settings: ProfileSettings = ProfileSettings(), batch_size: int = 64,
-                   dtype: torch.dtype | None = None, backend: str = "dietprune") -> dict:
-    """Zero-shot accuracy of a model on `tasks`, never on its calibration examples.
+                   dtype: torch.dtype | None = None, backend: str = "dietprune",
+                   with_perplexity: bool = True) -> dict:
+    """Zero-shot accuracy of a model on `tasks`, never on its calibration examples, and (our backend)
+    perplexity on held-out generic text.
 
     backend "dietprune" is our fast evaluator; "lm-eval" runs lm-evaluation-harness on the same examples.
     """
@@ -236,10 +238,12 @@ def evaluate_model(model_spec: str | None, tasks: tuple[str, ...], limit: int | 
         results = evaluate_lm_eval(model, tokenizer, tasks, limit, exclude,  # its own batch size:
                                    source=profile_settings.data_source)  # it scores full-vocab logits
     else:
-        from dietprune.evaluate import evaluate
+        from dietprune.evaluate import evaluate, perplexity
 
         results = evaluate(model, tokenizer, list(tasks), limit, exclude, batch_size, dtype,
                            profile_settings.data_source)
+        if with_perplexity:
+            results["perplexity"] = perplexity(model, tokenizer, dtype=dtype, progress=True)
     for task, result in results["tasks"].items():
         if set(result["ids"]) & exclude.get(task, set()):
             raise DietError(f"{task}: evaluation examples overlap the calibration examples")

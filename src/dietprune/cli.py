@@ -99,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.out:
         check_output_path(args.out, args.overwrite)
     results = evaluate_model(args.model, tuple(args.tasks), args.limit, _profile_settings(args),
-                             args.eval_batch_size, _dtype(args.dtype), args.backend)
+                             args.eval_batch_size, _dtype(args.dtype), args.backend, args.perplexity)
     table = markdown_table(results)
     if args.out:
         write_json_atomic(args.out, results)
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write results JSON here (and a .md table beside it)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--backend", choices=("dietprune", "lm-eval"), default="dietprune")
+    p.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True,
+                   help="also perplexity on 256 held-out LAMBADA passages (our backend only)")
     p.add_argument("--json", action="store_true", help="print the averages as JSON")
     _add_eval_options(p, limit=None)
     _add_profile_options(p)

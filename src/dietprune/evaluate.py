@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from dietprune.progress import progress as progress_bar
-from dietprune.tasks import Example, get_task, load_examples, load_rows
+from dietprune.tasks import Example, get_task, load_examples
+from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 
 HEAD_CHUNK = 128  # hidden states per LM-head matmul: bounds the (chunk, vocab) float32 logits buffer
 MAX_BATCH_TOKENS = 2048  # padded tokens per forward pass: large matmuls for CPU efficiency, bounded memory
@@ -338,32 +339,33 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {task} | {r['n']} | {_pct(r['acc'], r['acc_stderr'])} | {norm} |")
     avg = results["average"]
     lines.append(f"| **average** (acc / headline score) | | {_pct(avg['acc'])} | {_pct(avg['score'])} |")
+    if "perplexity" in results:
+        ppl = results["perplexity"]
+        lines.append(f"\nperplexity on {ppl['texts']} {ppl['corpus']} passages ({ppl['tokens']} tokens): "
+                     f"{ppl['perplexity']:.2f}")
     return "\n".join(lines)
-
-
-def boolq_passages(source: str = "offline") -> list[str]:
-    """The distinct BoolQ validation passages (Wikipedia prose), in file order."""
-    return list(dict.fromkeys(row["passage"] for row in load_rows("boolq", source)))
 
 
 def perplexity(
     model,
     tokenizer,
     texts: Sequence[str] | None = None,
-    limit: int | None = 256,
     max_length: int = 512,
     batch_size: int = 8,
     dtype: torch.dtype | None = None,
     progress: bool = False,
-) -> float:
+) -> dict:
     """Token-level perplexity exp(mean NLL) over `texts`, each truncated to `max_length` tokens.
 
-    The default corpus is offline: the first `limit` distinct BoolQ validation passages (Wikipedia prose;
-    note they can overlap BoolQ calibration examples). Each text is encoded with the tokenizer's default
-    special tokens and scored on its own; the first token is never predicted.
+    The default corpus is offline and held out from all calibration: the last `PERPLEXITY_PASSAGES`
+    LAMBADA test passages (book prose; see `lambada_passages`). Each text is encoded with the tokenizer's
+    default special tokens and scored on its own; the first token is never predicted.
     """
-    texts = list(boolq_passages() if texts is None else texts)[:limit]
+    corpus = "lambada" if texts is None else "custom"
+    texts = [t for _, t in lambada_passages()[-PERPLEXITY_PASSAGES:]] if texts is None else list(texts)
     ids = [t[:max_length] for t in tokenizer(texts)["input_ids"]]
     rows = [_plain_row(i, t[:1], t[1:]) for i, t in enumerate(ids) if len(t) > 1]
     total = sum(_score_rows(model, tokenizer, rows, len(ids), batch_size, dtype, progress, "perplexity"))
-    return math.exp(-total / sum(len(t) - 1 for t in ids))
+    tokens = sum(len(t) - 1 for t in ids)
+    return {"perplexity": math.exp(-total / tokens), "corpus": corpus, "texts": len(texts), "tokens": tokens,
+            "max_length": max_length}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,16 +39,20 @@ def _existing_ancestor(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary directory next to `out`; on success it replaces `out`, on failure it vanishes."""
+    """Yield a temporary directory next to `out`; on success it replaces `out`, on failure it vanishes.
+
+    The temporary name carries the process id, so leftovers of a killed run (SIGKILL skips every
+    clean-up) are recognised and removed by the next run to the same output."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    _remove_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
     try:
         yield tmp
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old)
@@ -55,6 +61,28 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete temporaries of dead runs; a replaced output a dead run had set aside is put back."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(\d+)\.(?:\w+\.tmp|old)", path.name)
+        if not match or _alive(int(match[1])):
+            continue
+        if path.suffix == ".old" and not out.exists():
+            path.rename(out)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json_atomic(path: Path, data: object) -> None:

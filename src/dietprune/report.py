@@ -25,4 +25,8 @@ def comparison_table(dense: dict, pruned: dict, heldout: tuple[str, ...] = ()) -
             da = sum(dense["tasks"][t]["acc"] for t in tasks) / len(tasks)
             pa = sum(pruned["tasks"][t]["acc"] for t in tasks) / len(tasks)
             lines.append(f"| **{label}** | | {_pct(da)} | {_pct(pa)} | {100 * (pa - da):+.1f} | | |")
+    if "perplexity" in dense and "perplexity" in pruned:
+        d, p = dense["perplexity"], pruned["perplexity"]
+        lines.append(f"\nperplexity on {d['texts']} held-out {d['corpus']} passages ({d['tokens']} tokens): "
+                     f"dense {d['perplexity']:.2f}, pruned {p['perplexity']:.2f}")
     return "\n".join(lines)

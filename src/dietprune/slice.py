@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.initialization import no_init_weights
 
 from dietprune.errors import DietError
 from dietprune.models.adapters import Adapter, adapter_for
@@ -50,20 +50,23 @@ def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor) -> dict[str, t
     roles[module_names[model.get_input_embeddings()]] = ("reader", embedding_scale)
     roles[module_names[model.get_output_embeddings()]] = ("reader", head_scale)
 
-    state = {}
+    state, done = {}, {}
     for name, tensor in model.state_dict().items():
         module, _, kind = name.rpartition(".")
         role, scale = roles.get(module, (None, 1.0))
-        state[name] = _slice_tensor(tensor, role, kind, scale, keep, adapter)
+        key = (tensor.data_ptr(), tensor.shape, role, kind, scale)  # tied weights are sliced once
+        if key not in done:
+            done[key] = _slice_tensor(tensor, role, kind, scale, keep, adapter)
+        state[name] = done[key]
     return state
 
 
 def _slice_tensor(tensor: torch.Tensor, role: str | None, kind: str, scale: float,
                   keep: torch.Tensor, adapter: Adapter) -> torch.Tensor:
     if role == "reader" and kind == "weight":
-        return (tensor[:, keep] * scale).to(tensor.dtype)
+        return tensor[:, keep].mul_(scale)  # indexing copies; scaling in place needs no second copy
     if role == "writer":
-        return (tensor[keep] * scale).to(tensor.dtype)
+        return tensor[keep].mul_(scale)
     if role == "norm":
         gain = (adapter.norm_offset + tensor[keep].double()) * scale
         return (gain - adapter.norm_offset).to(tensor.dtype)
@@ -83,8 +86,8 @@ def slice_model(model: PreTrainedModel, keep: torch.Tensor) -> PreTrainedModel:
     config.head_dim = getattr(model.config, "head_dim", None) or d // model.config.num_attention_heads
     config.hidden_size = k
     dtype = next(model.parameters()).dtype
-    with no_init_weights():  # every parameter is assigned below; buffers are built from the config
-        sliced = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with init_empty_weights(include_buffers=False):  # parameters on "meta": assigned below, no memory
+        sliced = AutoModelForCausalLM.from_config(config, dtype=dtype)  # buffers built from the config
     sliced.load_state_dict(sliced_state_dict(model, keep), strict=True, assign=True)
     if config.tie_word_embeddings:
         sliced.tie_weights()

