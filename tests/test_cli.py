@@ -179,6 +179,11 @@ def test_output_under_a_file(tiny_dir, tmp_path, capsys):
     assert "is a file, not a directory" in err
 
 
+def test_output_not_writable(tiny_dir, tmp_path, capsys):
+    err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--out", "/proc/self/out"])
+    assert err.startswith("diet: error: cannot write to /proc/") and err.endswith("is not writable")
+
+
 def test_too_few_examples_for_the_calibration_size(tiny_dir, tmp_path, capsys):
     err = run_error(capsys, ["profile", "--model", str(tiny_dir), "--out", str(tmp_path / "s"),
                              "--tasks", "rte", "--samples", "300"])
@@ -278,3 +283,13 @@ def test_an_output_set_aside_by_a_killed_overwrite_is_put_back(tmp_path):
         raise RuntimeError("the new run fails too")
     assert (tmp_path / "o" / "mine").read_text() == "user data"
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("disable", [True, False])
+def test_progress_bar_switches(monkeypatch, enabled, disable):
+    from dietprune import progress
+
+    monkeypatch.setitem(progress.SETTINGS, "enabled", enabled)
+    bar = progress.progress(range(3), disable=disable)
+    assert bar.disable == (disable or not enabled) and list(bar) == [0, 1, 2]

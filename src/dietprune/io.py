@@ -43,9 +43,12 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 
     The temporary name carries the process id, so leftovers of a killed run (SIGKILL skips every
     clean-up) are recognised and removed by the next run to the same output."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise DietError(f"cannot write to {out}: {exc.strerror or exc}") from exc
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory

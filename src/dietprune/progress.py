@@ -10,4 +10,5 @@ SETTINGS = {"enabled": True}
 def progress(iterable=None, **kwargs) -> tqdm:
     """A tqdm bar that disappears when done, unless progress is switched off."""
     kwargs.setdefault("leave", False)
-    return tqdm(iterable, disable=not SETTINGS["enabled"] or kwargs.pop("disable", False), **kwargs)
+    disable = kwargs.pop("disable", False) or not SETTINGS["enabled"]
+    return tqdm(iterable, disable=disable, **kwargs)
