@@ -39,6 +39,21 @@ def test_sliced_equals_masked(model_type, input_ids):
     assert (logits(model, input_ids) - expected).abs().max() > 1e-2
 
 
+def test_slicing_in_place_gives_the_same_model_in_the_dense_memory(model_type, input_ids, monkeypatch):
+    import dietprune.slice
+
+    monkeypatch.setattr(dietprune.slice, "CHUNK_BYTES", 100)  # many chunks, even on a tiny model
+    expected = logits(slice_model(tiny_model(model_type), KEEP), input_ids)
+    dense = tiny_model(model_type)
+    memory = {p.data_ptr() for p in dense.parameters()}
+    sliced = slice_model(dense, KEEP, in_place=True)
+    assert torch.equal(logits(sliced, input_ids), expected)
+    embedding = sliced.get_input_embeddings().weight
+    assert embedding.data_ptr() in memory and embedding.shape[1] == len(KEEP)
+    reused = [p for p in sliced.parameters() if p.data_ptr() in memory]
+    assert sum(p.numel() for p in reused) > 0.9 * sum(p.numel() for p in sliced.parameters())
+
+
 def test_keeping_every_dim_changes_nothing(model_type, input_ids):
     model = tiny_model(model_type)
     sliced = slice_model(model, torch.arange(HIDDEN))

@@ -142,7 +142,8 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
     scores = torch.stack([stats[name].score(settings.aggregation) for name in names])
     keep = merge(scores, k, settings.merge)
     params_before = sum(p.numel() for p in model.parameters())
-    sliced = slice_model(model, keep)
+    # recovery needs the dense model beside the sliced one; otherwise slice in the dense model's memory
+    sliced = slice_model(model, keep, in_place=settings.recover == "none")
     recovery = None
     if settings.recover == "lsq":
         recovery = _recover(model, sliced, tokenizer, profile_settings, settings)

@@ -24,14 +24,19 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from dietprune.errors import DietError
 from dietprune.models.adapters import Adapter, adapter_for
 
+CHUNK_BYTES = 1 << 24  # in-place slicing copies at most this much at a time
+
 
 def kept_width_step(config, round_to: int) -> int:
     """Kept widths must be multiples of this: the rounding asked for and the attention-head count."""
     return math.lcm(round_to, config.num_attention_heads)
 
 
-def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The state dict of `model` with only hidden dimensions `keep`, compensated to match the mask."""
+def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """The state dict of `model` with only hidden dimensions `keep` (ascending), compensated to match the
+    mask. `in_place` writes each sliced matrix over the front of the dense one's memory (no second copy
+    of the weights; `model` is unusable afterwards)."""
     adapter = adapter_for(model.config)
     d, k = model.config.hidden_size, len(keep)
     r = math.sqrt(d / k)
@@ -56,25 +61,58 @@ def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor) -> dict[str, t
         role, scale = roles.get(module, (None, 1.0))
         key = (tensor.data_ptr(), tensor.shape, role, kind, scale)  # tied weights are sliced once
         if key not in done:
-            done[key] = _slice_tensor(tensor, role, kind, scale, keep, adapter)
+            done[key] = _slice_tensor(tensor, role, kind, scale, keep, adapter, in_place)
         state[name] = done[key]
     return state
 
 
 def _slice_tensor(tensor: torch.Tensor, role: str | None, kind: str, scale: float,
-                  keep: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+                  keep: torch.Tensor, adapter: Adapter, in_place: bool) -> torch.Tensor:
     if role == "reader" and kind == "weight":
-        return tensor[:, keep].mul_(scale)  # indexing copies; scaling in place needs no second copy
+        return _keep_columns(tensor, keep, in_place).mul_(scale)
     if role == "writer":
-        return tensor[keep].mul_(scale)
+        return _keep_rows(tensor, keep, in_place).mul_(scale)
     if role == "norm":
         gain = (adapter.norm_offset + tensor[keep].double()) * scale
         return (gain - adapter.norm_offset).to(tensor.dtype)
     return tensor
 
 
-def slice_model(model: PreTrainedModel, keep: torch.Tensor) -> PreTrainedModel:
-    """A new model of width len(keep) that computes what `masked(model, keep)` computes."""
+def _rows_per_chunk(matrix: torch.Tensor) -> int:
+    row_bytes = matrix[0].numel() * matrix.element_size() if matrix.dim() > 1 else matrix.element_size()
+    return max(1, CHUNK_BYTES // row_bytes)
+
+
+def _keep_columns(matrix: torch.Tensor, keep: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """matrix[:, keep]; in place: chunk by chunk over the front of matrix's memory. Writing rows < i
+    never reaches row i's old data, since K < d columns per row are written."""
+    if not in_place or not matrix.is_contiguous():
+        return matrix[:, keep]
+    rows, k = matrix.shape[0], len(keep)
+    flat = matrix.view(-1)
+    step = _rows_per_chunk(matrix)
+    for start in range(0, rows, step):
+        block = matrix[start:start + step, keep]  # a copy of rows that are still intact
+        flat[start * k:start * k + block.numel()] = block.reshape(-1)
+    return flat[:rows * k].view(rows, k)
+
+
+def _keep_rows(matrix: torch.Tensor, keep: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """matrix[keep]; in place: rows move to the front, chunk by chunk (keep[j] >= j, so a row is
+    read before anything overwrites it)."""
+    if not in_place or not matrix.is_contiguous():
+        return matrix[keep]
+    step = _rows_per_chunk(matrix)
+    for start in range(0, len(keep), step):
+        rows = keep[start:start + step]
+        matrix[start:start + len(rows)] = matrix[rows]
+    return matrix[:len(keep)]
+
+
+def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False) -> PreTrainedModel:
+    """A new model of width len(keep) that computes what `masked(model, keep)` computes.
+
+    `in_place` reuses the dense weights' memory (peak memory stays near one model; `model` is destroyed)."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     d, k = model.config.hidden_size, len(keep)
     if not 0 < k <= d or len(keep.unique()) != k or keep.max() >= d:
@@ -88,7 +126,7 @@ def slice_model(model: PreTrainedModel, keep: torch.Tensor) -> PreTrainedModel:
     dtype = next(model.parameters()).dtype
     with init_empty_weights(include_buffers=False):  # parameters on "meta": assigned below, no memory
         sliced = AutoModelForCausalLM.from_config(config, dtype=dtype)  # buffers built from the config
-    sliced.load_state_dict(sliced_state_dict(model, keep), strict=True, assign=True)
+    sliced.load_state_dict(sliced_state_dict(model, keep, in_place), strict=True, assign=True)
     if config.tie_word_embeddings:
         sliced.tie_weights()
     return sliced.eval()
