@@ -18,6 +18,15 @@ def test_vote_keeps_majority_not_largest_mean():
     assert merge(scores, 2, "mean").tolist() == [0, 1]  # the ablation differs, as it should
 
 
+def test_weighted_vote_counts_strong_dims_more():
+    # dim 2 is one task's strongest dim by far; dim 3 is a weak pick of two tasks
+    scores = torch.tensor([[1.0, 1.0, 8.0, 0.5], [1.0, 1.0, 0.5, 0.6], [1.0, 1.0, 0.5, 0.6]])
+    assert task_votes(scores, 3).sum(0).tolist() == [3, 3, 1, 2]
+    assert merge(scores, 3, "vote").tolist() == [0, 1, 3]  # two votes beat one
+    assert merge(scores, 3, "weighted").tolist() == [0, 1, 2]  # one strong vote beats two weak ones
+    assert merge(torch.ones(2, 5), 3, "weighted").tolist() == [0, 1, 2]  # exact ties -> lower index
+
+
 def test_vote_ties_broken_by_mean_normalised_score_then_index():
     # top-1 votes: task A -> dim 0, task B -> dim 1; one vote each. Normalised means decide.
     scores = torch.tensor([[4.0, 1.0, 1.0],

@@ -50,6 +50,7 @@ class PruneSettings:
     round_to: int = 8
     method: str = "diet"  # see methods.py
     merge: str = "vote"
+    merge_tasks: tuple[str, ...] = ()  # the profiled tasks whose scores are merged; () = all
     aggregation: str = "l1"
     recover: str = "none"  # "lsq": closed-form refit of the kept reader weights (recover.py)
     recover_samples: int = 32  # per task: the first of the calibration samples
@@ -137,8 +138,9 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
                             f"not {d}; profile this model")
     model, tokenizer, source = load_model(model_spec)
     if scores_path is None:
-        stats, meta = method_stats(settings.method, model, tokenizer, source, profile_settings)
-    names = list(stats)
+        stats, meta = method_stats(settings.method, model, tokenizer, source, profile_settings,
+                                   settings.aggregation)
+    names = _merged_names(list(stats), settings.merge_tasks)
     scores = torch.stack([stats[name].score(settings.aggregation) for name in names])
     keep = merge(scores, k, settings.merge)
     params_before = sum(p.numel() for p in model.parameters())
@@ -170,19 +172,44 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
     return PruneResult(out, record)
 
 
-def method_stats(method: str, model, tokenizer, source: ModelSource, profile_settings: ProfileSettings
-                 ) -> tuple[dict[str, ActivationStats], dict]:
+def method_stats(method: str, model, tokenizer, source: ModelSource, profile_settings: ProfileSettings,
+                 aggregation: str = "l1") -> tuple[dict[str, ActivationStats], dict]:
     """Per source (a task, a corpus, or the data-free method itself), the stats its scores come from."""
-    if method == "diet":
-        return profile_tasks(model, tokenizer, source, profile_settings)
+    if method in ("diet", "relative", "act-weight"):
+        stats, meta = profile_tasks(model, tokenizer, source, profile_settings)
+        if method == "diet":
+            return stats, meta
+        if method == "relative":
+            generic, generic_meta = _generic_stats(model, tokenizer, source, profile_settings)
+            meta["tasks"] |= generic_meta["tasks"]
+            divisor = generic["lambada"].score(aggregation)
+        else:
+            divisor = 1 / magnitude_scores(model)
+        return {t: ActivationStats.fixed(s.score(aggregation) / divisor) for t, s in stats.items()}, meta
     if method == "agnostic":
-        corpus = generic_texts(profile_settings.samples * len(profile_settings.tasks))
-        return profile_corpora(model, tokenizer, source, {"lambada": corpus}, profile_settings)
+        return _generic_stats(model, tokenizer, source, profile_settings)
     meta = {"model": source.name, "hidden_size": model.config.hidden_size, "versions": versions()}
     if method == "magnitude":
         return {"magnitude": ActivationStats.fixed(magnitude_scores(model))}, meta
     scores = random_scores(model.config.hidden_size, profile_settings.seed)
     return {"random": ActivationStats.fixed(scores)}, meta
+
+
+def _generic_stats(model, tokenizer, source: ModelSource, profile_settings: ProfileSettings
+                   ) -> tuple[dict[str, ActivationStats], dict]:
+    """Stats on generic text: as many LAMBADA passages as all tasks' calibration samples together."""
+    corpus = generic_texts(profile_settings.samples * len(profile_settings.tasks))
+    return profile_corpora(model, tokenizer, source, {"lambada": corpus}, profile_settings)
+
+
+def _merged_names(names: list[str], merge_tasks: tuple[str, ...]) -> list[str]:
+    """The sources whose scores are merged: all, or the requested subset of the profiled tasks."""
+    if not merge_tasks:
+        return names
+    unknown = sorted(set(merge_tasks) - set(names))
+    if unknown:
+        raise DietError(f"cannot merge {', '.join(unknown)}: not among the profiled {', '.join(names)}")
+    return [n for n in names if n in merge_tasks]
 
 
 def _recover(dense, sliced, tokenizer, profile_settings: ProfileSettings, settings: PruneSettings) -> dict:

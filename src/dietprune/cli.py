@@ -56,6 +56,8 @@ def _prune_settings(args: argparse.Namespace):
     from dietprune.api import PruneSettings
 
     per_cell = {k: getattr(args, k) for k in ("sparsity", "method", "merge", "recover") if hasattr(args, k)}
+    if hasattr(args, "merge_tasks"):
+        per_cell["merge_tasks"] = tuple(args.merge_tasks)
     return PruneSettings(round_to=args.round_to, aggregation=args.aggregation,
                          recover_samples=args.recover_samples, **per_cell)
 
@@ -162,6 +164,8 @@ def _add_prune_options(parser: argparse.ArgumentParser, per_cell: bool = False) 
         group.add_argument("--sparsity", type=float, default=0.2, help="fraction of hidden dims to remove")
         group.add_argument("--method", choices=METHODS, default="diet", help="how dims are scored")
         group.add_argument("--merge", choices=MERGES, default="vote", help="how per-task scores combine")
+        group.add_argument("--merge-tasks", nargs="+", default=[], metavar="TASK",
+                           help="merge only these profiled tasks' scores (one task: its own mask)")
         group.add_argument("--recover", choices=RECOVERIES, default="none",
                            help="lsq: refit kept reader weights in closed form (no training)")
     group.add_argument("--round-to", type=int, default=8,
@@ -179,7 +183,7 @@ def _add_eval_options(parser: argparse.ArgumentParser, limit: int | None) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     from dietprune.api import RECOVERIES
-    from dietprune.sweep import VARIANTS
+    from dietprune.sweep import DEFAULT_VARIANTS, VARIANTS
 
     parser = argparse.ArgumentParser(prog="diet", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -224,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("sweep", "methods x sparsities x recovery -> table and plot (resumable)", cmd_sweep,
                 "out/sweep")
-    p.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
+                   metavar="VARIANT", help=f"any of {', '.join(VARIANTS)}")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
     p.add_argument("--recover-modes", nargs="+", choices=RECOVERIES, default=["none"])
     p.add_argument("--heldout", nargs="*", default=["piqa"], help="tasks evaluated but never profiled")

@@ -4,6 +4,8 @@ vote (DIET): each task votes for its top-K dimensions (ties in a task's ranking 
     the K dimensions with the most votes are kept. Tie-break among equal vote counts: the higher mean
     normalised score (each task's scores divided by their mean, so no task dominates by scale), then
     the lower index.
+weighted: as vote, but each task's vote for a dimension weighs that task's normalised score of it (a
+    task's strong dimensions count more than its marginal ones); same tie-break.
 mean: the K dimensions with the highest mean normalised score (the ablation of voting).
 """
 
@@ -14,7 +16,7 @@ import torch
 
 from dietprune.errors import DietError
 
-MERGES = ("vote", "mean")
+MERGES = ("vote", "weighted", "mean")
 
 
 def kept_width(hidden_size: int, sparsity: float, step: int) -> int:
@@ -48,9 +50,11 @@ def merge(scores: torch.Tensor, k: int, method: str = "vote") -> torch.Tensor:
         raise DietError("scores contain NaN or infinite values; re-run `diet profile`")
     mean_score = normalised(scores).mean(dim=0).numpy()
     index = np.arange(scores.shape[1])
-    if method == "vote":
-        votes = task_votes(scores, k).sum(dim=0).numpy()
-        order = np.lexsort((index, -mean_score, -votes))  # last key is primary
+    if method in ("vote", "weighted"):
+        votes = task_votes(scores, k).double()
+        if method == "weighted":
+            votes *= normalised(scores)
+        order = np.lexsort((index, -mean_score, -votes.sum(dim=0).numpy()))  # last key is primary
     elif method == "mean":
         order = np.lexsort((index, -mean_score))
     else:

@@ -4,6 +4,10 @@ Every method yields one score vector per source (a task, a corpus, or the method
 them into exactly K kept dims, and the same slicing (and optional recovery) path produces a
 checkpoint of the same size for every method.
   diet       per-task activation scores on the tasks' calibration samples (merged by --merge)
+  relative   per-task activation scores divided by the same score on generic text (what a task uses
+             more than text in general), merged by --merge
+  act-weight per-task activation score x the data-free magnitude score below (Wanda-style: a dim
+             matters if it is both active and heavily weighted), merged by --merge
   agnostic   the same activation score on generic text: LAMBADA passages (book prose, no overlap with
              any evaluated task or the perplexity text), as many as all tasks' calibration samples
   magnitude  data-free: for each dim, the share of every residual-touching matrix's squared norm on it,
@@ -19,7 +23,7 @@ from dietprune.errors import DietError
 from dietprune.models.adapters import adapter_for
 from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 
-METHODS = ("diet", "agnostic", "magnitude", "random")
+METHODS = ("diet", "relative", "act-weight", "agnostic", "magnitude", "random")
 
 
 def generic_texts(n: int) -> tuple[list[str], list[str]]:

@@ -14,15 +14,25 @@ from pathlib import Path
 
 from dietprune.api import ProfileSettings, PruneSettings, evaluate_model, prune
 from dietprune.io import write_json_atomic
+from dietprune.tasks import DEFAULT_TASKS
 
-# A variant is a method with its settings; "mean" is DIET's ablation without voting.
-VARIANTS = {
+# A variant is a method with its settings: PruneSettings fields, and ProfileSettings fields under
+# "profile". Besides DIET and the baselines, the ablations that decide whether task-awareness matters.
+VARIANTS: dict[str, dict] = {
     "diet": {"method": "diet", "merge": "vote"},
     "mean": {"method": "diet", "merge": "mean"},
+    "weighted": {"method": "diet", "merge": "weighted"},
+    "l2": {"method": "diet", "aggregation": "l2"},
+    "norm-site": {"method": "diet", "profile": {"site": "norm_output"}},
+    "relative": {"method": "relative"},
+    "act-weight": {"method": "act-weight"},
+    **{f"only-{task}": {"method": "diet", "merge_tasks": (task,)} for task in DEFAULT_TASKS},
+    **{f"samples-{n}": {"method": "diet", "profile": {"samples": n}} for n in (10, 50, 200)},
     "agnostic": {"method": "agnostic"},
     "magnitude": {"method": "magnitude"},
-    "random": {"method": "random"},
+    **{f"random-{seed}": {"method": "random", "profile": {"seed": seed}} for seed in (0, 1, 2)},
 }
+DEFAULT_VARIANTS = ("diet", "mean", "agnostic", "magnitude", "random-0")
 
 
 def cell_name(variant: str, sparsity: float, recover: str) -> str:
@@ -52,10 +62,12 @@ def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: li
     for sparsity in sparsities:
         for variant in variants:
             for recover in recoveries:
-                settings = replace(base, sparsity=sparsity, recover=recover, **VARIANTS[variant])
+                overrides = dict(VARIANTS[variant])
+                profiled = replace(profile_settings, **overrides.pop("profile", {}))
+                settings = replace(base, sparsity=sparsity, recover=recover, **overrides)
                 name = cell_name(variant, sparsity, recover)
-                cells[name] = cached(name, lambda s=settings: _prune_and_evaluate(
-                    model_spec, s, profile_settings, tasks, limit, dtype))
+                cells[name] = cached(name, lambda s=settings, p=profiled: _prune_and_evaluate(
+                    model_spec, s, p, tasks, limit, dtype))
     results = {"tasks": list(tasks), "heldout": list(heldout), "limit": limit, "cells": cells}
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text(tables(results, variants, sparsities, recoveries) + "\n")
@@ -73,6 +85,7 @@ def _prune_and_evaluate(model_spec, settings: PruneSettings, profile_settings: P
         shutil.rmtree(tmp)
     results["prune"] = {k: v for k, v in record.items() if k not in ("kept_dims", "profile")}
     results["kept_dims"] = record["kept_dims"]
+    results["profile_settings"] = record["profile"].get("settings")
     return results
 
 

@@ -1,0 +1,41 @@
+"""`diet sweep` on a tiny model: every cell pruned to the same size, tables and plot written, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FAST_PROFILE
+
+import dietprune.sweep
+from dietprune.cli import main
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+VARIANTS = ["diet", "norm-site", "relative", "act-weight", "only-rte", "samples-10"]
+
+
+def test_sweep_cells_table_plot_and_resume(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", str(tiny_dir), "--out", str(out), "--methods", *VARIANTS,
+            "--sparsities", "0.25", "--limit", "2", "--heldout", "piqa", *FAST_PROFILE]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    cells = results["cells"]
+    assert set(cells) == {"dense"} | {f"{v}-s25-none" for v in VARIANTS}
+    assert {len(cells[f"{v}-s25-none"]["kept_dims"]) for v in VARIANTS} == {32}
+    assert len({tuple(cells[f"{v}-s25-none"]["kept_dims"]) for v in VARIANTS}) > 3  # they differ
+    assert cells["samples-10-s25-none"]["profile_settings"]["samples"] == 10
+    assert cells["norm-site-s25-none"]["profile_settings"]["site"] == "norm_output"
+    assert cells["only-rte-s25-none"]["prune"]["task_agreement"] == {"rte": 32}
+    assert set(cells["diet-s25-none"]["tasks"]) == {"arc_easy", "boolq", "rte", "piqa"}
+    assert cells["dense"]["perplexity"]["texts"] == 256
+    table = (out / "results.md").read_text()
+    assert "| only-rte |" in table and "piqa (held out)" in table
+    assert (out / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(dietprune.sweep, "_prune_and_evaluate", no_recompute)
+    monkeypatch.setattr(dietprune.sweep, "evaluate_model", no_recompute)
+    assert main(argv) == 0
