@@ -3,17 +3,18 @@
     .venv/bin/python benchmarks/eval_speed.py --limit 50 --out benchmarks/results/eval_speed.json
 
 Per task, lm-eval runs first and ours next on the same examples (so load on the machine hits both
-alike), once per `--our-dtypes` entry (bfloat16 on a float32 model: transformer body under autocast,
-LM head float32). lm-eval's time is its `simple_evaluate` call (task set-up, tokenization, model calls),
-ours is `score_examples` (tokenization, model calls). CPU time (`time.process_time`) is reported too: on a
-shared machine it is steadier than wall time. Agreement compares per-example predictions (acc and
-acc_norm); a disagreement counts as a tie when lm-eval's own two log-likelihoods (length-normalised for
-acc_norm) are within `--tie-tol`.
+alike), once per `--our-dtypes` entry: a copy of the model in that dtype (as `diet eval --dtype` loads
+it; log-softmax in float32), while lm-eval keeps `--dtype`. lm-eval's time is its `simple_evaluate`
+call (task set-up, tokenization, model calls), ours is `score_examples` (tokenization, model calls).
+CPU time (`time.process_time`) is reported too: on a shared machine it is steadier than wall time.
+Agreement compares per-example predictions (acc and acc_norm); a disagreement counts as a tie when
+lm-eval's own two log-likelihoods (length-normalised for acc_norm) are within `--tie-tol`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--our-batch-size", type=int, default=64, help="our batch size (rows)")
     parser.add_argument("--tie-tol", type=float, default=1e-4)
     parser.add_argument("--our-dtypes", default="float32",
-                        help="our runs; a dtype other than --dtype runs the body under autocast")
+                        help="our runs, each on a copy of the model in that dtype")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both backends")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval_speed.json"))
     args = parser.parse_args()
@@ -59,6 +60,8 @@ def main() -> None:
     with torch.inference_mode():  # warm-up, shared by both backends
         model(torch.tensor([tokenizer("warm up")["input_ids"]]))
 
+    ours_models = {name: model if name == args.dtype else copy.deepcopy(model).to(getattr(torch, name))
+                   for name in args.our_dtypes.split(",")}
     settings = vars(args) | {"out": str(args.out), "threads": torch.get_num_threads()}
     report = {"settings": settings, "tasks": {}}
     for task in args.tasks.split(","):
@@ -77,10 +80,9 @@ def main() -> None:
             "lm_eval": {"acc": ref["acc"], "acc_norm": ref["acc_norm"], "reported": reported[task]},
             "ours": {},
         }
-        for name in args.our_dtypes.split(","):
-            dtype = None if name == args.dtype else getattr(torch, name)
+        for name, ours_model in ours_models.items():
             start, cpu = time.perf_counter(), time.process_time()
-            ours = score_examples(model, tokenizer, examples, args.our_batch_size, dtype)
+            ours = score_examples(ours_model, tokenizer, examples, args.our_batch_size)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             res = task_result(examples, ours)
             mine = row["ours"][name] = {

@@ -293,3 +293,15 @@ def test_progress_bar_switches(monkeypatch, enabled, disable):
     monkeypatch.setitem(progress.SETTINGS, "enabled", enabled)
     bar = progress.progress(range(3), disable=disable)
     assert bar.disable == (disable or not enabled) and list(bar) == [0, 1, 2]
+
+
+def test_eval_loads_the_model_in_the_asked_dtype(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["eval", str(tiny_dir), "--tasks", "rte", "--limit", "3", "--out", str(out)]
+    assert main([*argv, "--dtype", "bfloat16", "--no-perplexity"]) == 0
+    results = json.loads(out.read_text())
+    assert results["settings"]["dtype"] == "bfloat16" and results["tasks"]["rte"]["n"] == 3
+    assert "perplexity" not in results
+    assert main([*argv, "--overwrite"]) == 0
+    results = json.loads(out.read_text())
+    assert results["settings"]["dtype"] == "float32" and results["perplexity"]["texts"] == 256

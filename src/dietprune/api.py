@@ -257,8 +257,9 @@ def evaluate_model(model_spec: str | None, tasks: tuple[str, ...], limit: int | 
     perplexity on held-out generic text.
 
     backend "dietprune" is our fast evaluator; "lm-eval" runs lm-evaluation-harness on the same examples.
+    `dtype` (default float32) is the dtype the model is loaded in, for both backends.
     """
-    model, tokenizer, source = load_model(model_spec)
+    model, tokenizer, source = load_model(model_spec, dtype=dtype or torch.float32)
     exclude = calibration_ids(source.path, profile_settings)
     if backend == "lm-eval":
         from dietprune.lm_eval_bridge import evaluate_lm_eval
@@ -268,10 +269,10 @@ def evaluate_model(model_spec: str | None, tasks: tuple[str, ...], limit: int | 
     else:
         from dietprune.evaluate import evaluate, perplexity
 
-        results = evaluate(model, tokenizer, list(tasks), limit, exclude, batch_size, dtype,
-                           profile_settings.data_source)
+        results = evaluate(model, tokenizer, list(tasks), limit, exclude, batch_size,
+                           source=profile_settings.data_source)
         if with_perplexity:
-            results["perplexity"] = perplexity(model, tokenizer, dtype=dtype, progress=True)
+            results["perplexity"] = perplexity(model, tokenizer, progress=True)
     for task, result in results["tasks"].items():
         if set(result["ids"]) & exclude.get(task, set()):
             raise DietError(f"{task}: evaluation examples overlap the calibration examples")

@@ -185,7 +185,7 @@ def wanda_sp(model, tokenizer, texts: list[str], target_params: int, batch_size:
                         f"MLP channels after {head_cut} of {heads} heads per layer; at least one must stay")
 
     head_scores, channel_scores = wanda_sp_scores(model, tokenizer, texts, batch_size, max_length)
-    groups = 1
+    groups = 1 if whole_heads else kv_heads
     kept_heads = [_top(s.view(groups, -1), (heads - head_cut) // groups) for s in head_scores]
     kept_channels = [_top(s.view(1, -1), intermediate - channel_cut) for s in channel_scores]
 
