@@ -54,3 +54,33 @@ def test_magnitude_ranks_a_silenced_dim_last():
 def test_generic_text_is_lambada():
     ids, texts = generic_texts(3)
     assert ids == ["0", "1", "2"] and texts[0].startswith("In my palm is a clear stone")
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "wanda-sp"])
+def test_structural_baselines_match_the_hidden_dim_size(tiny_dir, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    record = prune(tiny_dir, tmp_path / method, "--method", method)
+    target = prune(tiny_dir, tmp_path / "diet", "--method", "magnitude")["params_after"]
+    structure = record["structure"]
+    unit = structure["layer_params"] if method == "shortgpt" else structure["channel_params"]
+    assert record["hidden_size_after"] == 48 and abs(record["params_after"] - target) <= unit / 2
+    assert structure["target_params"] == target and record["params_after"] < record["params_before"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / method)
+    assert sum(p.numel() for p in reloaded.parameters()) == record["params_after"]
+    assert set(record["profile"]["tasks"]) == {"arc_easy", "boolq", "rte"}  # excluded from evaluation
+    assert prune(tiny_dir, tmp_path / f"{method}-again", "--method", method)["structure"] == structure
+
+
+def test_structural_baselines_refuse_hidden_dim_options(tiny_dir, tmp_path, capsys):
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--method", "shortgpt",
+                 "--recover", "lsq", *FAST_PROFILE]) == 2
+    assert "--recover and --scores do not apply" in capsys.readouterr().err
+
+
+def test_sliced_param_count_is_what_slicing_gives(model_type):
+    from dietprune.slice import slice_model, sliced_param_count
+
+    model = tiny_model(model_type)
+    sliced = slice_model(model, torch.arange(32))
+    assert sliced_param_count(model, 32) == sum(p.numel() for p in sliced.parameters())

@@ -19,12 +19,18 @@ from dietprune import tasks as task_registry
 from dietprune.errors import DietError
 from dietprune.io import atomic_dir, check_output_path
 from dietprune.merge import kept_width, merge, task_votes
-from dietprune.methods import check_method, generic_texts, magnitude_scores, random_scores
+from dietprune.methods import (
+    STRUCTURAL_METHODS,
+    check_method,
+    generic_texts,
+    magnitude_scores,
+    random_scores,
+)
 from dietprune.models.adapters import adapter_for
 from dietprune.models.load import ModelSource, cache_root, load_config, load_model, resolve
 from dietprune.profile import ActivationStats, is_main_process, profile
 from dietprune.scores import load_scores, model_fingerprint, save_scores
-from dietprune.slice import kept_width_step, slice_model
+from dietprune.slice import kept_width_step, slice_model, sliced_param_count
 
 RECOVERIES = ("none", "lsq")
 
@@ -119,11 +125,18 @@ def versions() -> dict[str, str]:
 def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSettings(),
           profile_settings: ProfileSettings = ProfileSettings(), scores_path: Path | None = None,
           overwrite: bool = False) -> PruneResult:
-    """Profile (or read scores), merge into one mask, slice, and save a standard HF checkpoint."""
+    """Profile (or read scores), merge into one mask, slice, and save a standard HF checkpoint.
+
+    Structural baselines (shortgpt, wanda-sp) instead prune layers or heads and channels down to the
+    parameter count the hidden-dimension slice at this sparsity would have."""
     started = time.perf_counter()
     check_method(settings.method)
     if settings.recover not in RECOVERIES:
         raise DietError(f"unknown recovery {settings.recover!r}; choose one of {', '.join(RECOVERIES)}")
+    structural = settings.method in STRUCTURAL_METHODS
+    if structural and (settings.recover != "none" or scores_path is not None):
+        raise DietError(f"{settings.method} prunes layers or heads, not hidden dims: "
+                        "--recover and --scores do not apply")
     local = Path(model_spec).expanduser() if model_spec else None
     check_output_path(out, overwrite, protected=(local,) if local and local.exists() else ())
     source = resolve(model_spec)
@@ -131,45 +144,66 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
     adapter_for(config)
     d = config.hidden_size
     k = kept_width(d, settings.sparsity, kept_width_step(config, settings.round_to))
-    if scores_path is not None:
-        stats, meta = load_scores(scores_path)
-        if meta.get("hidden_size") != d:
-            raise DietError(f"{scores_path} was profiled on a model of width {meta.get('hidden_size')}, "
-                            f"not {d}; profile this model")
+    scores = load_scores(scores_path) if scores_path is not None else None
+    if scores is not None and scores[1].get("hidden_size") != d:
+        raise DietError(f"{scores_path} was profiled on a model of width {scores[1].get('hidden_size')}, "
+                        f"not {d}; profile this model")
     model, tokenizer, source = load_model(model_spec)
-    if scores_path is None:
-        stats, meta = method_stats(settings.method, model, tokenizer, source, profile_settings,
-                                   settings.aggregation)
-    names = _merged_names(list(stats), settings.merge_tasks)
-    scores = torch.stack([stats[name].score(settings.aggregation) for name in names])
-    keep = merge(scores, k, settings.merge)
     params_before = sum(p.numel() for p in model.parameters())
+    if structural:
+        pruned, details = _prune_structure(model, tokenizer, k, settings, profile_settings)
+    else:
+        pruned, details = _prune_hidden(model, tokenizer, source, k, settings, profile_settings, scores)
+    del model
+    record = {
+        "format": "dietprune.model/1",
+        "source_model": source.name,
+        "hidden_size_before": d,
+        "hidden_size_after": pruned.config.hidden_size,
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in pruned.parameters()),
+        "prune": asdict(settings),
+    } | details
+    with atomic_dir(out) as tmp:
+        pruned.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / "dietprune.json").write_text(json.dumps(record, indent=2) + "\n")
+    return PruneResult(out, record)
+
+
+def _prune_hidden(model, tokenizer, source: ModelSource, k: int, settings: PruneSettings,
+                  profile_settings: ProfileSettings, scores: tuple | None) -> tuple:
+    """Scores -> one mask of k dims -> the sliced (and optionally recovered) model, and its record."""
+    stats, meta = scores or method_stats(settings.method, model, tokenizer, source, profile_settings,
+                                         settings.aggregation)
+    names = _merged_names(list(stats), settings.merge_tasks)
+    matrix = torch.stack([stats[name].score(settings.aggregation) for name in names])
+    keep = merge(matrix, k, settings.merge)
     # recovery needs the dense model beside the sliced one; otherwise slice in the dense model's memory
     sliced = slice_model(model, keep, in_place=settings.recover == "none")
     recovery = None
     if settings.recover == "lsq":
         recovery = _recover(model, sliced, tokenizer, profile_settings, settings)
-    del model
-    params_after = sum(p.numel() for p in sliced.parameters())
-    record = {
-        "format": "dietprune.model/1",
-        "source_model": source.name,
-        "hidden_size_before": d,
-        "hidden_size_after": k,
-        "kept_dims": keep.tolist(),
-        "params_before": params_before,
-        "params_after": params_after,
-        "prune": asdict(settings),
-        "profile": meta,
-        "task_agreement": agreement(scores, keep, names),
-        "recovery": recovery,
-    }
-    with atomic_dir(out) as tmp:
-        sliced.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        record["seconds"] = round(time.perf_counter() - started, 1)
-        (tmp / "dietprune.json").write_text(json.dumps(record, indent=2) + "\n")
-    return PruneResult(out, record)
+    return sliced, {"kept_dims": keep.tolist(), "profile": meta,
+                    "task_agreement": agreement(matrix, keep, names), "recovery": recovery}
+
+
+def _prune_structure(model, tokenizer, k: int, settings: PruneSettings, profile_settings: ProfileSettings
+                     ) -> tuple:
+    """A structural baseline on the tasks' calibration samples, to the hidden-dim slice's size."""
+    from dietprune import structural
+
+    corpora = {task: calibration_texts(task, profile_settings) for task in profile_settings.tasks}
+    texts = [text for _, task_texts in corpora.values() for text in task_texts]
+    target = sliced_param_count(model, k)
+    method = {"shortgpt": structural.shortgpt, "wanda-sp": structural.wanda_sp}[settings.method]
+    pruned, structure = method(model, tokenizer, texts, target, profile_settings.batch_size,
+                               profile_settings.max_length)
+    meta = {"settings": asdict(profile_settings), "versions": versions(),
+            "tasks": {task: {"ids": ids} for task, (ids, _) in corpora.items()}}
+    return pruned, {"kept_dims": list(range(model.config.hidden_size)), "profile": meta,
+                    "structure": structure, "recovery": None}
 
 
 def method_stats(method: str, model, tokenizer, source: ModelSource, profile_settings: ProfileSettings,

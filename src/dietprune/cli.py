@@ -73,16 +73,21 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def _summary(record: dict) -> dict:
     keys = ("source_model", "hidden_size_before", "hidden_size_after", "params_before", "params_after",
             "task_agreement", "seconds")
-    return {key: record[key] for key in keys}
+    return {key: record[key] for key in keys if key in record}
 
 
 def _summary_text(record: dict) -> str:
     k, d = record["hidden_size_after"], record["hidden_size_before"]
     before, after = record["params_before"], record["params_after"]
     lines = [f"pruned {record['source_model']}: hidden {d} -> {k} ({1 - k / d:.1%} of dims removed)",
-             f"params {before:,} -> {after:,} ({1 - after / before:.1%} fewer)",
-             f"per-task agreement (own top-{k} dims kept by the global mask):"]
-    lines += [f"  {task:<14} {n:>5} / {k}" for task, n in record["task_agreement"].items()]
+             f"params {before:,} -> {after:,} ({1 - after / before:.1%} fewer)"]
+    if "task_agreement" in record:
+        lines.append(f"per-task agreement (own top-{k} dims kept by the global mask):")
+        lines += [f"  {task:<14} {n:>5} / {k}" for task, n in record["task_agreement"].items()]
+    if "structure" in record:
+        structure = {key: value for key, value in record["structure"].items()
+                     if key.endswith(("_after", "_layers")) and key != "kept_layers"}
+        lines.append(f"{record['structure']['method']}: {json.dumps(structure)}")
     lines.append(f"done in {record['seconds']} s")
     return "\n".join(lines)
 

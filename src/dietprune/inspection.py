@@ -38,7 +38,7 @@ def inspect_model(path: Path) -> dict:
         raise DietError(f"{path} has no dietprune.json; it is not a model pruned by dietprune")
     record = json.loads(record_path.read_text())
     keys = ("source_model", "hidden_size_before", "hidden_size_after", "params_before", "params_after",
-            "prune", "task_agreement", "recovery")
+            "prune", "task_agreement", "structure", "recovery")
     return {"path": str(path)} | {key: record.get(key) for key in keys}
 
 

@@ -13,6 +13,9 @@ checkpoint of the same size for every method.
   magnitude  data-free: for each dim, the share of every residual-touching matrix's squared norm on it,
              summed over matrices (so the embedding does not outweigh the blocks)
   random     a seeded random ranking
+Structural baselines (structural.py) prune other structures to the same parameter count:
+  shortgpt   whole decoder layers by Block Influence
+  wanda-sp   attention heads and MLP channels by activation-weighted magnitude
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from dietprune.errors import DietError
 from dietprune.models.adapters import adapter_for
 from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 
-METHODS = ("diet", "relative", "act-weight", "agnostic", "magnitude", "random")
+HIDDEN_METHODS = ("diet", "relative", "act-weight", "agnostic", "magnitude", "random")
+STRUCTURAL_METHODS = ("shortgpt", "wanda-sp")
+METHODS = HIDDEN_METHODS + STRUCTURAL_METHODS
 
 
 def generic_texts(n: int) -> tuple[list[str], list[str]]:

@@ -32,14 +32,10 @@ def kept_width_step(config, round_to: int) -> int:
     return math.lcm(round_to, config.num_attention_heads)
 
 
-def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False
-                      ) -> dict[str, torch.Tensor]:
-    """The state dict of `model` with only hidden dimensions `keep` (ascending), compensated to match the
-    mask. `in_place` writes each sliced matrix over the front of the dense one's memory (no second copy
-    of the weights; `model` is unusable afterwards)."""
+def _roles(model: PreTrainedModel, k: int) -> dict[str, tuple[str, float]]:
+    """Module name -> (role on the residual axis, scale) for a slice to width k (see the module doc)."""
     adapter = adapter_for(model.config)
-    d, k = model.config.hidden_size, len(keep)
-    r = math.sqrt(d / k)
+    r = math.sqrt(model.config.hidden_size / k)
     c = 1 / r
     embedding_scale = 1.0 if adapter.width_scaled_embedding else c
     head_scale = embedding_scale if model.config.tie_word_embeddings else 1.0
@@ -54,7 +50,27 @@ def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor, in_place: bool
     module_names = {module: name for name, module in model.named_modules()}
     roles[module_names[model.get_input_embeddings()]] = ("reader", embedding_scale)
     roles[module_names[model.get_output_embeddings()]] = ("reader", head_scale)
+    return roles
 
+
+def sliced_param_count(model: PreTrainedModel, k: int) -> int:
+    """Parameters of `model` sliced to width k (tied weights counted once), without slicing it."""
+    roles, d = _roles(model, k), model.config.hidden_size
+    count = 0
+    for name, param in model.named_parameters():  # each shared parameter once
+        role = roles.get(name.rpartition(".")[0], (None,))[0]
+        on_axis = role in ("writer", "norm") or (role == "reader" and name.endswith(".weight"))
+        count += param.numel() // d * k if on_axis else param.numel()
+    return count
+
+
+def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """The state dict of `model` with only hidden dimensions `keep` (ascending), compensated to match the
+    mask. `in_place` writes each sliced matrix over the front of the dense one's memory (no second copy
+    of the weights; `model` is unusable afterwards)."""
+    adapter = adapter_for(model.config)
+    roles = _roles(model, len(keep))
     state, done = {}, {}
     for name, tensor in model.state_dict().items():
         module, _, kind = name.rpartition(".")

@@ -29,6 +29,8 @@ VARIANTS: dict[str, dict] = {
     **{f"only-{task}": {"method": "diet", "merge_tasks": (task,)} for task in DEFAULT_TASKS},
     **{f"samples-{n}": {"method": "diet", "profile": {"samples": n}} for n in (10, 50, 200)},
     "agnostic": {"method": "agnostic"},
+    "shortgpt": {"method": "shortgpt"},
+    "wanda-sp": {"method": "wanda-sp"},
     "magnitude": {"method": "magnitude"},
     **{f"random-{seed}": {"method": "random", "profile": {"seed": seed}} for seed in (0, 1, 2)},
 }
