@@ -163,8 +163,8 @@ def test_interrupted_profile_resumes_from_finished_tasks(tiny_dir, tmp_path, mon
 
 def test_inspect_scores_and_model(tiny_dir, tmp_path, capsys):
     scores = tmp_path / "scores.safetensors"
-    assert main(["profile", "--model", str(tiny_dir), "--out", str(scores), *FAST]) == 0
-    capsys.readouterr()
+    assert main(["profile", "--model", str(tiny_dir), "--out", str(scores), "--json", *FAST]) == 0
+    assert set(json.loads(capsys.readouterr().out)["tokens"]) == {"arc_easy", "boolq", "rte"}
     assert main(["inspect", str(scores), "--k", "32", "--json", "--plot", str(tmp_path / "s.png")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["k"] == 32 and report["overlap"]["rte"]["rte"] == 32

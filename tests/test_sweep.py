@@ -38,4 +38,7 @@ def test_sweep_cells_table_plot_and_resume(tiny_dir, tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(dietprune.sweep, "_prune_and_evaluate", no_recompute)
     monkeypatch.setattr(dietprune.sweep, "evaluate_model", no_recompute)
-    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    averages = json.loads(capsys.readouterr().out)
+    assert averages["diet-s25-none"] == cells["diet-s25-none"]["average"]

@@ -49,7 +49,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if not is_main_process():
         return
     save_scores(args.out, stats, meta)
-    print(f"wrote {args.out}: {len(stats)} tasks, {sum(s.tokens for s in stats.values())} tokens")
+    tokens = {task: s.tokens for task, s in stats.items()}
+    print(json.dumps({"out": str(args.out), "tokens": tokens}) if args.json else
+          f"wrote {args.out}: {len(stats)} tasks, {sum(tokens.values())} tokens")
 
 
 def _prune_settings(args: argparse.Namespace):
@@ -120,6 +122,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     settings = _prune_settings(args)
     summary = run(args.model, args.out, settings, _profile_settings(args), tuple(args.heldout), args.limit,
                   _dtype(args.dtype), args.overwrite)
+    if args.json:
+        averages = {name: summary[name]["average"] for name in ("dense", "pruned")}
+        print(json.dumps(_summary(summary["prune"]) | {"average": averages, "report": str(args.out)}))
+        return
     print(_summary_text(summary["prune"]))
     print(summary["table"])
     print(f"report: {args.out / 'report.md'} and report.json; pruned model: {args.out / 'pruned'}")
@@ -131,6 +137,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     results = sweep(args.model, args.out, args.methods, args.sparsities, args.recover_modes,
                     _prune_settings(args), _profile_settings(args), tuple(args.heldout), args.limit,
                     _dtype(args.dtype), fresh=args.overwrite)
+    if args.json:
+        print(json.dumps({name: cell["average"] for name, cell in results["cells"].items()}))
+        return
     print((args.out / "results.md").read_text())
     print(f"{len(results['cells'])} cells in {args.out}/cells; results.json, results.md, accuracy.png")
 
@@ -201,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the embedded gemma-3-270m)")
         p.add_argument("--out", type=Path, default=Path(out))
         p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--json", action="store_true", help="print the summary as JSON")
         p.set_defaults(run=run)
         return p
 
@@ -209,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", "profile, merge into one mask, slice, save a HF checkpoint", cmd_prune, "out/pruned")
     p.add_argument("--scores", type=Path, help="use this score file instead of profiling")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_prune_options(p)
     _add_profile_options(p)
 
