@@ -1,0 +1,88 @@
+"""Peak memory of `diet prune` relative to the model's weight bytes: the embedded Gemma-3 270M, and a
+randomly initialised model shaped like Gemma-3 1B (same code path; random weights are enough to measure
+memory), to show how the ratio behaves once weights dominate the process.
+
+    .venv/bin/python benchmarks/prune_memory.py [--out benchmarks/results/prune_memory.json]
+
+Each prune runs in its own process under `/usr/bin/time -v` (peak RSS = "Maximum resident set size"),
+with a fresh score cache; the 1B-shaped model profiles 8 samples per task (memory, not accuracy). The
+process baseline (Python + torch + transformers imported, tokenizer loaded) is measured separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+GEMMA3_1B_SHAPE = {"hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+                   "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}
+
+BASELINE = """
+import resource, sys, torch, transformers
+import dietprune.api
+transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_rss_of_prune(model: str, out: Path, cache: Path, samples: int) -> dict:
+    env = os.environ | {"DIETPRUNE_CACHE": str(cache)}
+    argv = ["/usr/bin/time", "-v", sys.executable, "-m", "dietprune.cli", "--quiet", "prune",
+            "--model", model, "--out", str(out), "--samples", str(samples), "--json"]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)[1]) * 1024
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", run.stderr)[1]
+    return {"peak_rss_bytes": peak, "wall": wall, "summary": json.loads(run.stdout)}
+
+
+def measure(name: str, model_dir: Path, work: Path, samples: int) -> dict:
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    baseline = int(subprocess.run([sys.executable, "-c", BASELINE, str(model_dir)], capture_output=True,
+                                  text=True, check=True).stdout)
+    cache = work / f"cache-{name}"
+    (cache / "models").mkdir(parents=True)
+    result = peak_rss_of_prune(str(model_dir), work / f"pruned-{name}", cache, samples)
+    peak = result["peak_rss_bytes"]
+    return {"model": name, "weight_bytes": weights, "baseline_rss_bytes": baseline, **result,
+            "peak_over_weights": peak / weights,
+            "peak_minus_baseline_over_weights": (peak - baseline) / weights}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_memory.json"))
+    args = parser.parse_args()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from dietprune.models.load import resolve
+
+    embedded = Path(resolve("gemma-3-270m").path)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows.append(measure("gemma-3-270m", embedded, work, samples=100))
+        print(json.dumps(rows[-1]), flush=True)
+        config = AutoConfig.from_pretrained(embedded)
+        for key, value in GEMMA3_1B_SHAPE.items():
+            setattr(config, key, value)
+        config.layer_types = [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention")
+                              for i in range(config.num_hidden_layers)]
+        torch.manual_seed(0)
+        big = work / "gemma-3-1b-shaped"
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(big)
+        AutoTokenizer.from_pretrained(embedded).save_pretrained(big)
+        rows.append(measure("gemma-3-1b-shaped (random weights)", big, work, samples=8))
+        print(json.dumps(rows[-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
