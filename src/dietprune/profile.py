@@ -26,6 +26,7 @@ from dietprune.models.adapters import adapter_for
 from dietprune.progress import progress
 
 SITES = ("block_output", "norm_output")
+MAX_BATCH_TOKENS = 4096  # padded tokens per calibration forward pass
 AGGREGATIONS = ("l1", "l2")
 
 
@@ -83,16 +84,11 @@ def profile(model: nn.Module, tokenizer, texts: list[str], site: str = "block_ou
         sum_abs.add_(hidden.abs().sum((0, 1)).double(), alpha=1 / len(modules))
         sum_sq.add_(hidden.square().sum((0, 1)).double(), alpha=1 / len(modules))
 
+    batches = calibration_batches(tokenizer, texts, batch_size, max_length, data_parallel=True)
     handles = [module.register_forward_hook(accumulate) for module in modules]
-    # longest first, so similar lengths share a batch (little padding) and memory peaks at once
-    encoded = sorted((tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts),
-                     key=len, reverse=True)
-    rank, world = _process_group()
-    encoded = encoded[rank::world]  # data parallel: each process takes every world-th text
     tokens = 0
     try:
-        for start in progress(range(0, len(encoded), batch_size), desc=desc, unit="batch"):
-            batch = pad(encoded[start:start + batch_size])
+        for batch in progress(batches, desc=desc, unit="batch"):
             token_mask = batch["attention_mask"].unsqueeze(-1).to(model.dtype)
             model.get_decoder()(**batch)  # the LM head plays no part in the scores
             tokens += int(batch["attention_mask"].sum())
@@ -100,7 +96,26 @@ def profile(model: nn.Module, tokenizer, texts: list[str], site: str = "block_ou
         for handle in handles:
             handle.remove()
     stats = ActivationStats(sum_abs, sum_sq, tokens)
-    return _all_reduce(stats) if world > 1 else stats
+    return _all_reduce(stats) if _process_group()[1] > 1 else stats
+
+
+def calibration_batches(tokenizer, texts: list[str], batch_size: int = 8, max_length: int = 1024,
+                        data_parallel: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of the tokenized texts, longest first (similar lengths share a batch, so
+    there is little padding), of at most `batch_size` rows and `MAX_BATCH_TOKENS` padded tokens (which
+    bounds activation memory). `data_parallel`: this process's share, every world-th text."""
+    encoded = sorted((tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts),
+                     key=len, reverse=True)
+    if data_parallel:
+        rank, world = _process_group()
+        encoded = encoded[rank::world]
+    groups: list[list[list[int]]] = []
+    for seq in encoded:
+        if not groups or len(groups[-1]) == batch_size or (len(groups[-1]) + 1) * len(groups[-1][0]) > \
+                MAX_BATCH_TOKENS:
+            groups.append([])
+        groups[-1].append(seq)
+    return [pad(group) for group in groups]
 
 
 def _process_group() -> tuple[int, int]:

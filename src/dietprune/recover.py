@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dietprune.models.adapters import adapter_for
-from dietprune.profile import pad
+from dietprune.profile import calibration_batches
 from dietprune.progress import progress
 
 
@@ -95,9 +95,7 @@ def recover(dense: nn.Module, pruned: nn.Module, tokenizer, texts: list[str],
     adapter = adapter_for(dense.config)
     groups = [[n for n in adapter.readers if n.startswith("self_attn.")],
               [n for n in adapter.readers if n.startswith("mlp.")]]
-    encoded = sorted((tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts),
-                     key=len, reverse=True)
-    batches = [pad(encoded[i:i + batch_size]) for i in range(0, len(encoded), batch_size)]
+    batches = calibration_batches(tokenizer, texts, batch_size, max_length)
     masks = [b["attention_mask"] for b in batches]
     dense_hidden, kwargs = _layer_inputs(dense, batches)
     pruned_hidden, _ = _layer_inputs(pruned, batches)

@@ -15,7 +15,6 @@ the rule cannot get within half a unit of (below one layer, one head group and o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -27,7 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from dietprune.errors import DietError
 from dietprune.models.adapters import adapter_for
-from dietprune.profile import pad
+from dietprune.profile import calibration_batches
 from dietprune.progress import progress
 
 
@@ -231,21 +230,14 @@ def _calibrate(model: PreTrainedModel, tokenizer, texts: list[str], batch_size: 
     """Run `texts` through the decoder; `mask[0]` holds the running batch's (batch, seq) token mask.
     Returns the number of non-padding tokens."""
     tokens = 0
-    for batch in progress(list(_batches(tokenizer, texts, batch_size, max_length)), desc=desc, unit="batch"):
+    for batch in progress(calibration_batches(tokenizer, texts, batch_size, max_length), desc=desc,
+                          unit="batch"):
         mask[:] = [batch["attention_mask"].float()]
         model.get_decoder()(**batch)
         tokens += int(batch["attention_mask"].sum())
     if not tokens:
         raise DietError("no calibration tokens; give at least one non-empty text")
     return tokens
-
-
-def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> Iterator[dict]:
-    """Right-padded batches, longest texts first (as in profile.py)."""
-    encoded = sorted((tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts),
-                     key=len, reverse=True)
-    for start in range(0, len(encoded), batch_size):
-        yield pad(encoded[start:start + batch_size])
 
 
 def _nearest_units(excess: int, unit: int) -> int:
