@@ -24,27 +24,31 @@ GEMMA3_1B_SHAPE = {"hidden_size": 1152, "intermediate_size": 6912, "num_hidden_l
                    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}
 
 BASELINE = """
-import resource, sys, torch, transformers
+import sys, torch, transformers
 import dietprune.api
 transformers.AutoTokenizer.from_pretrained(sys.argv[1])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
-def peak_rss_of_prune(model: str, out: Path, cache: Path, samples: int) -> dict:
-    env = os.environ | {"DIETPRUNE_CACHE": str(cache)}
-    argv = ["/usr/bin/time", "-v", sys.executable, "-m", "dietprune.cli", "--quiet", "prune",
-            "--model", model, "--out", str(out), "--samples", str(samples), "--json"]
-    run = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+def timed(argv: list[str], env: dict | None = None) -> tuple[int, str, str]:
+    """(peak RSS in bytes, wall time, stdout) of a command run under /usr/bin/time -v (which, unlike
+    getrusage in a child of this process, does not inherit this process's peak)."""
+    run = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env, check=True)
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)[1]) * 1024
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", run.stderr)[1]
-    return {"peak_rss_bytes": peak, "wall": wall, "summary": json.loads(run.stdout)}
+    return peak, wall, run.stdout
+
+
+def peak_rss_of_prune(model: str, out: Path, cache: Path, samples: int) -> dict:
+    argv = [sys.executable, "-m", "dietprune.cli", "--quiet", "prune", "--model", model, "--out", str(out),
+            "--samples", str(samples), "--json"]
+    peak, wall, stdout = timed(argv, os.environ | {"DIETPRUNE_CACHE": str(cache)})
+    return {"peak_rss_bytes": peak, "wall": wall, "summary": json.loads(stdout)}
 
 
 def measure(name: str, model_dir: Path, work: Path, samples: int) -> dict:
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    baseline = int(subprocess.run([sys.executable, "-c", BASELINE, str(model_dir)], capture_output=True,
-                                  text=True, check=True).stdout)
+    baseline = timed([sys.executable, "-c", BASELINE, str(model_dir)])[0]
     cache = work / f"cache-{name}"
     (cache / "models").mkdir(parents=True)
     result = peak_rss_of_prune(str(model_dir), work / f"pruned-{name}", cache, samples)
