@@ -71,6 +71,17 @@ def test_directory_that_is_not_a_model(tmp_path, capsys):
                                                    str(tmp_path / "o")])
 
 
+def test_pickled_weights_are_refused(tmp_path, capsys):
+    import torch
+
+    model_dir = tmp_path / "bin"
+    model = tiny_model("llama")
+    model.config.save_pretrained(model_dir)
+    torch.save(model.state_dict(), model_dir / "pytorch_model.bin")  # the pickled format
+    err = run_error(capsys, ["prune", "--model", str(model_dir), "--out", str(tmp_path / "o")])
+    assert "has no .safetensors weights; dietprune never unpickles .bin files" in err
+
+
 def test_unknown_architecture(tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)).save_pretrained(tmp_path / "g")
     err = run_error(capsys, ["prune", "--model", str(tmp_path / "g"), "--out", str(tmp_path / "o")])

@@ -93,8 +93,12 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
     """
     torch.set_flush_denormal(True)
     source = resolve(spec)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
+    local = Path(source.path)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise DietError(f"{local} has no .safetensors weights; dietprune never unpickles .bin files "
+                        "(re-save the model with save_pretrained(..., safe_serialization=True))")
+    try:  # safetensors only: weights are never unpickled
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except OSError as exc:
