@@ -37,7 +37,7 @@ def agreement(examples, ours, theirs, tie_tol: float) -> dict:
         for suffix, sa, sb in (("", np.array(a), np.array(b)), ("_norm", a / lengths, b / lengths)):
             pa, pb = int(np.argmax(sa)), int(np.argmax(sb))
             out["same" + suffix] += pa == pb
-            out["ties" + suffix] += pa != pb and abs(sb[pa] - sb[pb]) <= tie_tol
+            out["ties" + suffix] += bool(pa != pb and abs(sb[pa] - sb[pb]) <= tie_tol)
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 
 from dietprune.api import ProfileSettings, calibration_texts
 from dietprune.models.load import load_model
-from dietprune.profile import pad, profile
+from dietprune.profile import calibration_batches, profile
 
 
 def main() -> None:
@@ -31,11 +31,9 @@ def main() -> None:
     encoded = sorted((tokenizer(t)["input_ids"] for t in texts), key=len, reverse=True)
 
     def plain() -> None:  # the same tokenization, batching and forward passes, without hooks
-        ids = sorted((tokenizer(t, truncation=True, max_length=1024)["input_ids"] for t in texts),
-                     key=len, reverse=True)
         with torch.inference_mode():
-            for i in range(0, len(ids), 8):
-                model.get_decoder()(**pad(ids[i:i + 8]))
+            for batch in calibration_batches(tokenizer, texts, batch_size=8, max_length=1024):
+                model.get_decoder()(**batch)
 
     def hooked() -> None:
         profile(model, tokenizer, texts, batch_size=8, desc="hooked")
