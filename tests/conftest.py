@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -86,3 +88,32 @@ def model_type(request) -> str:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+STOCK_LOGITS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+ids = torch.tensor(json.loads(sys.argv[1]))
+out = {}
+for name in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(name).eval()
+    with torch.no_grad():
+        out[name] = model(ids).logits.tolist()
+assert not any(m.startswith("dietprune") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def stock_logits(directories: list, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits of each saved checkpoint, loaded by stock transformers in a process that never imports
+    dietprune (one thread: tiny matrices)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", STOCK_LOGITS, json.dumps(input_ids.tolist()),
+                          *map(str, directories)], capture_output=True, text=True, check=True,
+                         cwd=str(Path(directories[0]).parent), env=os.environ | {"OMP_NUM_THREADS": "1"})
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    return {name: torch.tensor(value) for name, value in loaded.items()}
