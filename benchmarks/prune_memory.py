@@ -1,8 +1,10 @@
-"""Peak memory of `diet prune` relative to the model's weight bytes: the embedded Gemma-3 270M, and a
-randomly initialised model shaped like Gemma-3 1B (same code path; random weights are enough to measure
-memory), to show how the ratio behaves once weights dominate the process.
+"""Peak memory of `diet prune` relative to the model's weight bytes: the embedded Gemma-3 270M, and
+randomly initialised Gemma-3 models shaped like Gemma-3 1B and like Gemma-2 2B (same code path; random
+weights are enough to measure memory), to show how the ratio behaves once weights dominate the process.
 
-    .venv/bin/python benchmarks/prune_memory.py [--out benchmarks/results/prune_memory.json]
+    .venv/bin/python benchmarks/prune_memory.py [--models embedded 1b 2b] [--out ...prune_memory.json]
+
+Rows of models not measured in this run are kept from the previous results file.
 
 Each prune runs in its own process under `/usr/bin/time -v` (peak RSS = "Maximum resident set size"),
 with a fresh score cache; the 1B-shaped model profiles 8 samples per task (memory, not accuracy). The
@@ -15,13 +17,28 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-GEMMA3_1B_SHAPE = {"hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
-                   "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}
+SHAPES = {
+    "1b": ("gemma-3-1b-shaped (random weights)",
+           {"hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}),
+    "2b": ("gemma-2-2b-shaped (random weights)",
+           {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}),
+}
+
+RANDOM_MODEL = """
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+torch.manual_seed(0)
+config = AutoConfig.from_pretrained(sys.argv[1])
+AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(sys.argv[1])
+"""
 
 BASELINE = """
 import sys, torch, transformers
@@ -60,32 +77,36 @@ def measure(name: str, model_dir: Path, work: Path, samples: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=("embedded", *SHAPES), default=["embedded", *SHAPES])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_memory.json"))
     args = parser.parse_args()
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from dietprune.models.load import resolve
 
     embedded = Path(resolve("gemma-3-270m").path)
-    rows = []
+    rows = {row["model"]: row for row in json.loads(args.out.read_text())} if args.out.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows.append(measure("gemma-3-270m", embedded, work, samples=100))
-        print(json.dumps(rows[-1]), flush=True)
-        config = AutoConfig.from_pretrained(embedded)
-        for key, value in GEMMA3_1B_SHAPE.items():
-            setattr(config, key, value)
-        config.layer_types = [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention")
-                              for i in range(config.num_hidden_layers)]
-        torch.manual_seed(0)
-        big = work / "gemma-3-1b-shaped"
-        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(big)
-        AutoTokenizer.from_pretrained(embedded).save_pretrained(big)
-        rows.append(measure("gemma-3-1b-shaped (random weights)", big, work, samples=8))
-        print(json.dumps(rows[-1]), flush=True)
+        if "embedded" in args.models:
+            rows["gemma-3-270m"] = measure("gemma-3-270m", embedded, work, samples=100)
+            print(json.dumps(rows["gemma-3-270m"]), flush=True)
+        for key in (m for m in args.models if m in SHAPES):
+            name, shape = SHAPES[key]
+            config = AutoConfig.from_pretrained(embedded)
+            for field, value in shape.items():
+                setattr(config, field, value)
+            config.layer_types = [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention")
+                                  for i in range(config.num_hidden_layers)]
+            big = work / key
+            config.save_pretrained(big)
+            subprocess.run([sys.executable, "-c", RANDOM_MODEL, str(big)], check=True)  # its memory goes
+            AutoTokenizer.from_pretrained(embedded).save_pretrained(big)
+            rows[name] = measure(name, big, work, samples=8)
+            print(json.dumps(rows[name]), flush=True)
+            shutil.rmtree(big)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    args.out.write_text(json.dumps(list(rows.values()), indent=1) + "\n")
 
 
 if __name__ == "__main__":

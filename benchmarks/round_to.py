@@ -1,10 +1,12 @@
-"""Effect of `--round-to` on the real speedup: prune one model at one sparsity with rounding 1, 8 and 64
-(from the same scores), then `diet bench` each against the dense model.
+"""Effect of `--round-to` on the real speedup: prune one model at one sparsity with several roundings
+(from the same scores) and measure each against the dense model.
 
-    .venv/bin/python benchmarks/round_to.py [--model gemma-3-270m] [--sparsity 0.22]
+    .venv/bin/python benchmarks/round_to.py [--model gemma-3-270m] [--sparsity 0.22] [--repeats 7]
 
-K is rounded to a multiple of lcm(round_to, attention heads); a rounding that leaves no valid K is
-reported as such. Writes benchmarks/results/round_to-<model>.json and prints a markdown table.
+The dense model is measured before and after the pruned ones: the spread of those two runs is the noise
+floor of the comparison. K is rounded to a multiple of lcm(round_to, attention heads); a rounding that
+leaves no valid K is reported as such. Writes benchmarks/results/round_to-<model>.json and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import tempfile
 from pathlib import Path
 
 from dietprune.api import ProfileSettings, PruneSettings, profile_tasks, prune
-from dietprune.bench import bench
+from dietprune.bench import measure_in_subprocess, speedups
 from dietprune.errors import DietError
 from dietprune.models.load import load_model, resolve
 from dietprune.scores import save_scores
+
+METRICS = ("prefill_b1_tok_s", "prefill_b8_tok_s", "decode_b1_tok_s")
 
 
 def main() -> None:
@@ -26,11 +30,11 @@ def main() -> None:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--sparsity", type=float, default=0.22)
     parser.add_argument("--roundings", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or Path(f"benchmarks/results/round_to-{args.model}.json")
-    dense = resolve(args.model).path
+    dense_path = resolve(args.model).path
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         scores = Path(tmp) / "scores.safetensors"
@@ -38,27 +42,37 @@ def main() -> None:
         stats, meta = profile_tasks(model, tokenizer, source, ProfileSettings())
         save_scores(scores, stats, meta)
         del model
+        pruned = {}
         for round_to in args.roundings:
-            pruned = Path(tmp) / f"r{round_to}"
+            path = Path(tmp) / f"r{round_to}"
             try:
-                record = prune(args.model, pruned, PruneSettings(sparsity=args.sparsity, round_to=round_to),
+                record = prune(args.model, path, PruneSettings(sparsity=args.sparsity, round_to=round_to),
                                scores_path=scores).record
             except DietError as exc:
                 rows.append({"round_to": round_to, "error": str(exc)})
                 continue
-            result = bench(dense, str(pruned), args.repeats)
+            pruned[round_to] = (path, record)
+        dense_runs = [measure_in_subprocess(dense_path, args.repeats)]
+        for round_to, (path, record) in pruned.items():
+            run = measure_in_subprocess(str(path), args.repeats)
             rows.append({"round_to": round_to, "hidden_size": record["hidden_size_after"],
-                         "params": record["params_after"], "speedup": result["speedup"],
-                         "dense": result["dense"], "pruned": result["pruned"]})
-            print(json.dumps({"round_to": round_to, "k": record["hidden_size_after"]} | {
-                m: round(s["ratio"], 3) for m, s in result["speedup"].items()}), flush=True)
+                         "params": record["params_after"], "pruned": run})
+            print(json.dumps({"round_to": round_to, "k": record["hidden_size_after"]}), flush=True)
+        dense_runs.append(measure_in_subprocess(dense_path, args.repeats))
+    dense = {m: sum(r[m] for r in dense_runs) / 2 for m in METRICS} | {
+        k: v for k, v in dense_runs[0].items() if k.endswith("flops_per_token")}
+    noise = {m: abs(dense_runs[1][m] / dense_runs[0][m] - 1) for m in METRICS}
+    for row in rows:
+        if "pruned" in row:
+            row["speedup"] = speedups(dense, row["pruned"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "sparsity": args.sparsity, "rows": rows}
+    report = {"model": args.model, "sparsity": args.sparsity, "repeats": args.repeats,
+              "dense_runs": dense_runs, "dense_drift": noise, "rows": rows}
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(table(rows))
+    print(table(rows, noise))
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], noise: dict) -> str:
     lines = ["| round-to | K | prefill b1 | prefill b8 | decode b1 |", "|---:|---:|---:|---:|---:|"]
     for row in rows:
         if "error" in row:
@@ -67,6 +81,8 @@ def table(rows: list[dict]) -> str:
         cells = [f"{s['measured']:.2f}x / {s['ideal']:.2f}x = {s['ratio']:.2f}"
                  for s in row["speedup"].values()]
         lines.append(f"| {row['round_to']} | {row['hidden_size']} | " + " | ".join(cells) + " |")
+    drift = " | ".join(f"{100 * noise[m]:.1f}%" for m in METRICS)
+    lines.append(f"| dense drift (first vs last run) | | {drift} |")
     return "\n".join(lines)
 
 

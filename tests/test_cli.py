@@ -33,13 +33,14 @@ def run_error(capsys, argv: list[str]) -> str:
 def test_prune_writes_a_standard_checkpoint(tiny_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(tiny_dir), "--out", str(out), "--sparsity", "0.25", *FAST]) == 0
-    assert "hidden 48 -> 32" in capsys.readouterr().out
+    assert "hidden 48 -> 36" in capsys.readouterr().out  # auto rounding: a multiple of the 4 heads
     record = json.loads((out / "dietprune.json").read_text())
-    assert record["hidden_size_after"] == 32 and len(record["kept_dims"]) == 32
+    assert record["hidden_size_after"] == 36 and len(record["kept_dims"]) == 36
+    assert record["kept_width_step"] == 4 and record["prune"]["round_to"] is None
     assert set(record["profile"]["tasks"]) == {"arc_easy", "boolq", "rte"}
     assert all(len(t["ids"]) == 4 for t in record["profile"]["tasks"].values())
-    assert AutoConfig.from_pretrained(out).hidden_size == 32
-    assert AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.shape == (64, 32)
+    assert AutoConfig.from_pretrained(out).hidden_size == 36
+    assert AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.shape == (64, 36)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
@@ -107,6 +108,13 @@ def test_width_the_heads_cannot_take(tiny_dir, tmp_path, capsys):
     err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"),
                              "--sparsity", "0.9", "--round-to", "16"])
     assert "after rounding" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "eight"])
+def test_bad_round_to(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--round-to", value])
+    assert exc.value.code == 2 and "positive integer or 'auto'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from dietprune.errors import DietError
 from dietprune.merge import kept_width, merge, task_votes
+from dietprune.slice import kept_width_step
 
 
 def test_vote_keeps_majority_not_largest_mean():
@@ -59,6 +62,19 @@ def test_mean_normalisation_is_scale_free():
                                                (0.5, 64, 320), (0.3, 8, 448)])
 def test_kept_width(sparsity, step, k):
     assert kept_width(640, sparsity, step) == k
+
+
+@pytest.mark.parametrize("width, heads, round_to, step", [
+    (640, 4, None, 8),  # Gemma-3 270M: 20% -> K = 512
+    (576, 9, None, 9),  # SmolLM2: lcm(8, 9) = 72 would turn 20% into 25%
+    (2304, 8, None, 32),  # Gemma-2 2B
+    (4096, 32, None, 64),  # Llama-2 7B
+    (896, 14, None, 14),  # Qwen2.5 0.5B
+    (576, 9, 8, 72),  # an explicit rounding is kept, whatever the step
+])
+def test_kept_width_step(width, heads, round_to, step):
+    config = SimpleNamespace(hidden_size=width, num_attention_heads=heads)
+    assert kept_width_step(config, round_to) == step
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.1, 1.5])

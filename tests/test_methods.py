@@ -27,7 +27,7 @@ def prune(tiny_dir: Path, out: Path, *flags: str) -> dict:
 def test_same_size_and_deterministic(tiny_dir, tmp_path, flags):
     first = prune(tiny_dir, tmp_path / "a", *flags)
     again = prune(tiny_dir, tmp_path / "b", *flags)
-    assert first["hidden_size_after"] == 32 and len(first["kept_dims"]) == 32
+    assert first["hidden_size_after"] == 36 and len(first["kept_dims"]) == 36
     assert first["params_after"] == prune(tiny_dir, tmp_path / "ref", "--method", "random")["params_after"]
     assert first["kept_dims"] == again["kept_dims"]
 

@@ -22,11 +22,11 @@ def test_sweep_cells_table_plot_and_resume(tiny_dir, tmp_path, monkeypatch, caps
     results = json.loads((out / "results.json").read_text())
     cells = results["cells"]
     assert set(cells) == {"dense"} | {f"{v}-s25-none" for v in VARIANTS}
-    assert {len(cells[f"{v}-s25-none"]["kept_dims"]) for v in VARIANTS} == {32}
+    assert {len(cells[f"{v}-s25-none"]["kept_dims"]) for v in VARIANTS} == {36}
     assert len({tuple(cells[f"{v}-s25-none"]["kept_dims"]) for v in VARIANTS}) > 3  # they differ
     assert cells["samples-10-s25-none"]["profile_settings"]["samples"] == 10
     assert cells["norm-site-s25-none"]["profile_settings"]["site"] == "norm_output"
-    assert cells["only-rte-s25-none"]["prune"]["task_agreement"] == {"rte": 32}
+    assert cells["only-rte-s25-none"]["prune"]["task_agreement"] == {"rte": 36}
     assert set(cells["diet-s25-none"]["tasks"]) == {"arc_easy", "boolq", "rte", "piqa"}
     assert cells["dense"]["perplexity"]["texts"] == 256
     table = (out / "results.md").read_text()
@@ -42,3 +42,15 @@ def test_sweep_cells_table_plot_and_resume(tiny_dir, tmp_path, monkeypatch, caps
     assert main([*argv, "--json"]) == 0
     averages = json.loads(capsys.readouterr().out)
     assert averages["diet-s25-none"] == cells["diet-s25-none"]["average"]
+
+
+def test_a_method_that_does_not_apply_is_reported_not_cached(tiny_dir, tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", str(tiny_dir), "--out", str(out), "--methods", "diet", "slicegpt",
+            "--sparsities", "0.25", "--limit", "2", "--heldout", "piqa", *FAST_PROFILE]
+    assert main(argv) == 0
+    table = (out / "results.md").read_text()
+    assert "| slicegpt | – | n/a: slicegpt needs pre-norm blocks" in table
+    assert "| diet | " in table and "** ± " in table  # the average with its standard error
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["dense.json", "diet-s25-none.json"]
+    assert (out / "accuracy.png").read_bytes().startswith(b"\x89PNG")

@@ -50,10 +50,11 @@ class ProfileSettings:
 
 @dataclass(frozen=True)
 class PruneSettings:
-    """How scores become a mask: sparsity -> K (a multiple of round_to and of the head count)."""
+    """How scores become a mask: sparsity -> K (a multiple of round_to and of the head count; round_to
+    None: chosen from the width, see `kept_width_step`)."""
 
     sparsity: float = 0.2
-    round_to: int = 8
+    round_to: int | None = None
     method: str = "diet"  # see methods.py
     merge: str = "vote"
     merge_tasks: tuple[str, ...] = ()  # the profiled tasks whose scores are merged; () = all
@@ -127,15 +128,16 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
           overwrite: bool = False) -> PruneResult:
     """Profile (or read scores), merge into one mask, slice, and save a standard HF checkpoint.
 
-    Structural baselines (shortgpt, wanda-sp) instead prune layers or heads and channels down to the
-    parameter count the hidden-dimension slice at this sparsity would have."""
+    Structural baselines (shortgpt, wanda-sp, slicegpt) instead choose their own structure (layers,
+    heads and channels, rotated dims) at the parameter count the hidden-dimension slice at this
+    sparsity would have."""
     started = time.perf_counter()
     check_method(settings.method)
     if settings.recover not in RECOVERIES:
         raise DietError(f"unknown recovery {settings.recover!r}; choose one of {', '.join(RECOVERIES)}")
     structural = settings.method in STRUCTURAL_METHODS
     if structural and (settings.recover != "none" or scores_path is not None):
-        raise DietError(f"{settings.method} prunes layers or heads, not hidden dims: "
+        raise DietError(f"{settings.method} chooses its own structure, not a mask of hidden dims: "
                         "--recover and --scores do not apply")
     local = Path(model_spec).expanduser() if model_spec else None
     check_output_path(out, overwrite, protected=(local,) if local and local.exists() else ())
@@ -143,7 +145,8 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
     config = load_config(source)
     adapter_for(config)
     d = config.hidden_size
-    k = kept_width(d, settings.sparsity, kept_width_step(config, settings.round_to))
+    step = kept_width_step(config, settings.round_to)
+    k = kept_width(d, settings.sparsity, step)
     scores = load_scores(scores_path) if scores_path is not None else None
     if scores is not None and scores[1].get("hidden_size") != d:
         raise DietError(f"{scores_path} was profiled on a model of width {scores[1].get('hidden_size')}, "
@@ -163,6 +166,7 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
         "params_before": params_before,
         "params_after": sum(p.numel() for p in pruned.parameters()),
         "prune": asdict(settings),
+        "kept_width_step": step,
     } | details
     with atomic_dir(out) as tmp:
         pruned.save_pretrained(tmp)
@@ -192,17 +196,18 @@ def _prune_hidden(model, tokenizer, source: ModelSource, k: int, settings: Prune
 def _prune_structure(model, tokenizer, k: int, settings: PruneSettings, profile_settings: ProfileSettings
                      ) -> tuple:
     """A structural baseline on the tasks' calibration samples, to the hidden-dim slice's size."""
-    from dietprune import structural
+    from dietprune import rotate, structural
 
     corpora = {task: calibration_texts(task, profile_settings) for task in profile_settings.tasks}
     texts = [text for _, task_texts in corpora.values() for text in task_texts]
     target = sliced_param_count(model, k)
-    method = {"shortgpt": structural.shortgpt, "wanda-sp": structural.wanda_sp}[settings.method]
+    method = {"shortgpt": structural.shortgpt, "wanda-sp": structural.wanda_sp,
+              "slicegpt": rotate.slicegpt}[settings.method]
     pruned, structure = method(model, tokenizer, texts, target, profile_settings.batch_size,
                                profile_settings.max_length)
     meta = {"settings": asdict(profile_settings), "versions": versions(),
             "tasks": {task: {"ids": ids} for task, (ids, _) in corpora.items()}}
-    return pruned, {"kept_dims": list(range(model.config.hidden_size)), "profile": meta,
+    return pruned, {"kept_dims": list(range(pruned.config.hidden_size)), "profile": meta,
                     "structure": structure, "recovery": None}
 
 

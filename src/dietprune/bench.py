@@ -71,21 +71,28 @@ def measure(path: str, repeats: int = 3, dtype: str = "float32") -> dict:
     return result
 
 
-def bench(dense: str, pruned: str, repeats: int = 3, dtype: str = "float32") -> dict:
-    """Measure both models in subprocesses; speedups measured, ideal (FLOP ratio) and their quotient."""
-    runs = {}
-    for name, path in (("dense", dense), ("pruned", pruned)):
-        out = subprocess.run([sys.executable, "-m", "dietprune.bench", path, str(repeats), dtype],
-                             capture_output=True, text=True, check=True)
-        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    d, p = runs["dense"], runs["pruned"]
-    speedups = {}
+def measure_in_subprocess(path: str, repeats: int = 3, dtype: str = "float32") -> dict:
+    """`measure` in a fresh Python process, so that its peak RSS is this model's alone."""
+    out = subprocess.run([sys.executable, "-m", "dietprune.bench", path, str(repeats), dtype],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def speedups(dense: dict, pruned: dict) -> dict:
+    """Per metric: measured speedup, ideal speedup (FLOP ratio) and their quotient."""
+    result = {}
     for metric, flops in (("prefill_b1_tok_s", "prefill_flops_per_token"),
                           ("prefill_b8_tok_s", "prefill_flops_per_token"),
                           ("decode_b1_tok_s", "decode_flops_per_token")):
-        measured, ideal = p[metric] / d[metric], d[flops] / p[flops]
-        speedups[metric] = {"measured": measured, "ideal": ideal, "ratio": measured / ideal}
-    return {"dense": d, "pruned": p, "speedup": speedups, "torch_threads": torch.get_num_threads()}
+        measured, ideal = pruned[metric] / dense[metric], dense[flops] / pruned[flops]
+        result[metric] = {"measured": measured, "ideal": ideal, "ratio": measured / ideal}
+    return result
+
+
+def bench(dense: str, pruned: str, repeats: int = 3, dtype: str = "float32") -> dict:
+    """Measure both models in subprocesses; speedups measured, ideal (FLOP ratio) and their quotient."""
+    d, p = measure_in_subprocess(dense, repeats, dtype), measure_in_subprocess(pruned, repeats, dtype)
+    return {"dense": d, "pruned": p, "speedup": speedups(d, p), "torch_threads": torch.get_num_threads()}
 
 
 def table(result: dict) -> str:

@@ -94,6 +94,14 @@ def _summary_text(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _round_to(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return int(value)
+
+
 def _dtype(name: str):
     import torch
 
@@ -182,8 +190,9 @@ def _add_prune_options(parser: argparse.ArgumentParser, per_cell: bool = False) 
                            help="merge only these profiled tasks' scores (one task: its own mask)")
         group.add_argument("--recover", choices=RECOVERIES, default="none",
                            help="lsq: refit kept reader weights in closed form (no training)")
-    group.add_argument("--round-to", type=int, default=8,
-                       help="K is a multiple of this and of the head count")
+    group.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
+                       help="K is a multiple of N and of the head count (default auto: the largest "
+                            "of 64..1 whose step is <= width/64)")
     group.add_argument("--aggregation", choices=AGGREGATIONS, default="l1")
     group.add_argument("--recover-samples", type=int, default=32, help="per task, from the calibration set")
 

@@ -13,9 +13,11 @@ checkpoint of the same size for every method.
   magnitude  data-free: for each dim, the share of every residual-touching matrix's squared norm on it,
              summed over matrices (so the embedding does not outweigh the blocks)
   random     a seeded random ranking
-Structural baselines (structural.py) prune other structures to the same parameter count:
-  shortgpt   whole decoder layers by Block Influence
-  wanda-sp   attention heads and MLP channels by activation-weighted magnitude
+Baselines that choose their own structure, at the same parameter count:
+  shortgpt   whole decoder layers by Block Influence (structural.py)
+  wanda-sp   attention heads and MLP channels by activation-weighted magnitude (structural.py)
+  slicegpt   hidden dims after rotating the residual stream onto its principal axes (rotate.py;
+             pre-norm architectures only)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dietprune.models.adapters import adapter_for
 from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 
 HIDDEN_METHODS = ("diet", "relative", "act-weight", "agnostic", "magnitude", "random")
-STRUCTURAL_METHODS = ("shortgpt", "wanda-sp")
+STRUCTURAL_METHODS = ("shortgpt", "wanda-sp", "slicegpt")
 METHODS = HIDDEN_METHODS + STRUCTURAL_METHODS
 
 

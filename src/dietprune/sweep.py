@@ -7,12 +7,14 @@ is saved as its own JSON file; a re-run skips finished cells, so an interrupted 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 from dietprune.api import ProfileSettings, PruneSettings, evaluate_model, prune
+from dietprune.errors import DietError
 from dietprune.io import write_json_atomic
 from dietprune.tasks import DEFAULT_TASKS
 
@@ -31,6 +33,7 @@ VARIANTS: dict[str, dict] = {
     "agnostic": {"method": "agnostic"},
     "shortgpt": {"method": "shortgpt"},
     "wanda-sp": {"method": "wanda-sp"},
+    "slicegpt": {"method": "slicegpt"},
     "magnitude": {"method": "magnitude"},
     **{f"random-{seed}": {"method": "random", "profile": {"seed": seed}} for seed in (0, 1, 2)},
 }
@@ -68,8 +71,11 @@ def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: li
                 profiled = replace(profile_settings, **overrides.pop("profile", {}))
                 settings = replace(base, sparsity=sparsity, recover=recover, **overrides)
                 name = cell_name(variant, sparsity, recover)
-                cells[name] = cached(name, lambda s=settings, p=profiled: _prune_and_evaluate(
-                    model_spec, s, p, tasks, limit, dtype))
+                try:
+                    cells[name] = cached(name, lambda s=settings, p=profiled: _prune_and_evaluate(
+                        model_spec, s, p, tasks, limit, dtype))
+                except DietError as exc:  # a method that does not apply to this model: reported, not cached
+                    cells[name] = {"error": str(exc)}
     results = {"tasks": list(tasks), "heldout": list(heldout), "limit": limit, "cells": cells}
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text(tables(results, variants, sparsities, recoveries) + "\n")
@@ -92,7 +98,14 @@ def _prune_and_evaluate(model_spec, settings: PruneSettings, profile_settings: P
 
 
 def _average(cell: dict, tasks: list[str]) -> float:
+    if "error" in cell:
+        return math.nan
     return sum(cell["tasks"][t]["acc"] for t in tasks) / len(tasks)
+
+
+def _average_stderr(cell: dict, tasks: list[str]) -> float:
+    """Standard error of the average over tasks (tasks' examples independent)."""
+    return math.sqrt(sum(cell["tasks"][t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks)
 
 
 def tables(results: dict, variants, sparsities, recoveries) -> str:
@@ -104,14 +117,18 @@ def tables(results: dict, variants, sparsities, recoveries) -> str:
     rule = "|---|---:|" + "---:|" * (len(profiled) + 2 + len(heldout))
 
     def row(label: str, cell: dict) -> str:
+        if "error" in cell:
+            return f"| {label} | – | n/a: {cell['error']} |"
         params = cell.get("prune", {}).get("params_after")
         accs = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in profiled]
         held = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in heldout]
         ppl = f"{cell['perplexity']['perplexity']:.1f}" if "perplexity" in cell else "–"
+        avg = f"**{100 * _average(cell, profiled):.1f}** ± {100 * _average_stderr(cell, profiled):.1f}"
         return (f"| {label} | {f'{params / 1e6:.1f}M' if params else 'dense'} | " + " | ".join(accs)
-                + f" | **{100 * _average(cell, profiled):.1f}** | " + " | ".join(held) + f" | {ppl} |")
+                + f" | {avg} | " + " | ".join(held) + f" | {ppl} |")
 
-    blocks = [f"acc (%), {results['limit']} examples per task; held-out tasks are never profiled; ppl = "
+    blocks = [f"acc (%), {results['limit']} examples per task (fewer where the split, after calibration, "
+              "has fewer); avg ± its standard error; held-out tasks are never profiled; ppl = "
               "perplexity on 256 held-out LAMBADA passages.\n",
               "**dense**\n", header, rule, row("dense", results["cells"]["dense"]), ""]
     for sparsity in sparsities:

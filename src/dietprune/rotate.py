@@ -1,0 +1,123 @@
+"""SliceGPT-style baseline: rotate the residual stream onto its principal axes, then slice the last ones.
+
+SliceGPT (Ashkboos et al., 2024) folds each RMSNorm's gain into the linear layers that read the norm's
+output. The norm then computes x / rms(x), which commutes with any orthogonal Q, so rotating the
+residual basis (embedding rows and writer outputs by Q, reader inputs by Q) leaves the model's function
+unchanged, and deleting the least-variance principal directions becomes a hidden-dimension slice.
+SliceGPT uses one Q per layer plus shortcut matrices, which stock transformers cannot load. Here one Q
+serves the whole stream: the eigenvectors of the residual covariance summed over every layer's input
+and the final norm's input. The rotated model is then sliced by `slice_model` like any mask, and saves
+as a standard checkpoint.
+
+Limits, stated rather than approximated:
+* only architectures whose residual norms all read the stream (pre-norm). Gemma-2/3's post-norms scale a
+  writer's output per dimension and do not commute with Q, so they are refused;
+* a tied head is untied: the final norm's gain folds into the head but not into the embedding. The
+  head's kept columns then count towards the parameter budget, so K is smaller than DIET's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from dietprune.errors import DietError
+from dietprune.models.adapters import adapter_for
+from dietprune.profile import calibration_batches
+from dietprune.progress import progress
+from dietprune.slice import kept_width_step, slice_model, sliced_param_count
+
+
+@torch.inference_mode()
+def residual_covariance(model: PreTrainedModel, tokenizer, texts: list[str], batch_size: int = 8,
+                        max_length: int = 1024) -> torch.Tensor:
+    """(d, d) float64: sum over non-padding tokens and over every layer's input and the final norm's
+    input of x^T x."""
+    adapter = adapter_for(model.config)
+    d = model.config.hidden_size
+    total = torch.zeros(d, d, dtype=torch.float64)
+    token_mask: torch.Tensor | None = None
+
+    def accumulate(_module: nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, d)[token_mask].double()
+        total.addmm_(x.T, x)
+
+    sites = [*model.get_submodule(adapter.layers), model.get_submodule(adapter.final_norm)]
+    handles = [site.register_forward_pre_hook(accumulate) for site in sites]
+    try:
+        batches = calibration_batches(tokenizer, texts, batch_size, max_length)
+        for batch in progress(batches, desc="covariance", unit="batch"):
+            token_mask = batch["attention_mask"].reshape(-1).bool()
+            model.get_decoder()(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def check_rotatable(config) -> None:
+    """Refuse architectures whose function a rotation of the residual basis would change."""
+    adapter = adapter_for(config)
+    if adapter.output_norms:
+        raise DietError(f"slicegpt needs pre-norm blocks; {adapter.name}'s post-norms "
+                        f"({', '.join(adapter.output_norms)}) do not commute with a rotation")
+
+
+@torch.no_grad()
+def rotate(model: PreTrainedModel, q: torch.Tensor) -> None:
+    """In place: fold the residual norms' gains into their readers and rotate the residual basis by the
+    orthogonal (d, d) matrix `q`; the model computes the same function. Unties a tied head."""
+    check_rotatable(model.config)
+    adapter = adapter_for(model.config)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight is embedding.weight:
+        head.weight = nn.Parameter(embedding.weight.clone())
+        model.config.tie_word_embeddings = False
+        model.config.get_text_config().tie_word_embeddings = False
+    q = q.double()
+
+    def fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
+        gain = adapter.norm_offset + norm.weight.double()
+        for reader in readers:
+            reader.weight.copy_((reader.weight.double() * gain) @ q)
+        norm.weight.fill_(1 - adapter.norm_offset)
+
+    for layer in model.get_submodule(adapter.layers):
+        for norm_name, prefix in zip(adapter.input_norms, ("self_attn.", "mlp."), strict=True):
+            fold(layer.get_submodule(norm_name),
+                 [layer.get_submodule(name) for name in adapter.readers if name.startswith(prefix)])
+        for name in adapter.writers:
+            writer = layer.get_submodule(name)
+            writer.weight.copy_(q.T @ writer.weight.double())
+            if writer.bias is not None:
+                writer.bias.copy_(writer.bias.double() @ q)
+    fold(model.get_submodule(adapter.final_norm), [head])
+    embedding.weight.copy_(embedding.weight.double() @ q)
+
+
+def slicegpt(model: PreTrainedModel, tokenizer, texts: list[str], target_params: int, batch_size: int = 8,
+             max_length: int = 1024) -> tuple[PreTrainedModel, dict]:
+    """Rotate onto the calibration texts' principal axes and keep the widest K (a multiple of the head
+    count) whose parameter count is at most `target_params`. Returns the sliced model and a record."""
+    check_rotatable(model.config)
+    covariance = residual_covariance(model, tokenizer, texts, batch_size, max_length)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    order = eigenvalues.argsort(descending=True)
+    untied = model.config.tie_word_embeddings
+    rotate(model, eigenvectors[:, order])
+    step = kept_width_step(model.config, 1)
+    k = next((k for k in range(model.config.hidden_size - step, 0, -step)
+              if sliced_param_count(model, k) <= target_params), None)
+    if k is None:
+        raise DietError(f"slicegpt cannot reach {target_params:,} parameters: even one head-count step "
+                        "of width leaves more")
+    explained = float(eigenvalues[order[:k]].sum() / eigenvalues.sum())
+    sliced = slice_model(model, torch.arange(k), in_place=True)
+    record = {"method": "slicegpt",
+              "rule": "one rotation onto the eigenvectors of the residual covariance (all layer inputs and "
+                      "the final norm's input), norm gains folded into readers, then the widest K at most "
+                      "the target parameters",
+              "hidden_size": k, "untied_head": untied, "explained_variance": explained,
+              "target_params": target_params, "params_after": sum(p.numel() for p in sliced.parameters())}
+    return sliced, record
