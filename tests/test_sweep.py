@@ -30,7 +30,13 @@ def test_sweep_cells_table_plot_and_resume(tiny_dir, tmp_path, monkeypatch, caps
     assert set(cells["diet-s25-none"]["tasks"]) == {"arc_easy", "boolq", "rte", "piqa"}
     assert cells["dense"]["perplexity"]["texts"] == 256
     table = (out / "results.md").read_text()
-    assert "| only-rte |" in table and "piqa (held out)" in table
+    assert "| only-rte |" in table and "piqa (held out)" in table and "avg - diet |" in table
+    lines = table.splitlines()
+    column = next(line for line in lines if line.startswith("| method")).split("|").index(" avg - diet ")
+    delta = {line.split("|")[1].strip(): line.split("|")[column].strip() for line in lines
+             if line.startswith(("| diet |", "| only-rte |"))}
+    assert delta["diet"] == "–"  # no difference to itself
+    assert delta["only-rte"][0] in "+-" and " ± " in delta["only-rte"]
     assert (out / "accuracy.png").read_bytes().startswith(b"\x89PNG")
 
     def no_recompute(*args, **kwargs):
@@ -54,3 +60,21 @@ def test_a_method_that_does_not_apply_is_reported_not_cached(tiny_dir, tmp_path)
     assert "| diet | " in table and "** ± " in table  # the average with its standard error
     assert sorted(p.name for p in (out / "cells").iterdir()) == ["dense.json", "diet-s25-none.json"]
     assert (out / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_paired_difference_counts_the_same_examples():
+    from dietprune.errors import DietError
+    from dietprune.sweep import paired_difference
+
+    golds = {"a": {"0": 0, "1": 1, "2": 1, "3": 0}, "b": {"0": 1, "1": 1}}
+    reference = {"tasks": {"a": {"ids": ["0", "1", "2", "3"], "preds": [0, 0, 0, 0]},  # 2 of 4 right
+                           "b": {"ids": ["0", "1"], "preds": [1, 1]}}}  # 2 of 2
+    cell = {"tasks": {"a": {"ids": ["0", "1", "2", "3"], "preds": [0, 1, 1, 0]},  # 4 of 4
+                      "b": {"ids": ["0", "1"], "preds": [0, 1]}}}  # 1 of 2
+    delta, err = paired_difference(cell, reference, ["a", "b"], golds)
+    assert delta == pytest.approx((0.5 - 0.5) / 2)
+    # per-example differences: a = [0, 1, 1, 0] (var 1/3, n 4), b = [-1, 0] (var 1/2, n 2)
+    assert err == pytest.approx(((1 / 3) / 4 + (1 / 2) / 2) ** 0.5 / 2)
+    cell["tasks"]["b"]["ids"] = ["1", "0"]
+    with pytest.raises(DietError, match="different examples"):
+        paired_difference(cell, reference, ["a", "b"], golds)

@@ -13,10 +13,12 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from dietprune.api import ProfileSettings, PruneSettings, evaluate_model, prune
 from dietprune.errors import DietError
 from dietprune.io import write_json_atomic
-from dietprune.tasks import DEFAULT_TASKS
+from dietprune.tasks import DEFAULT_TASKS, load_examples
 
 # A variant is a method with its settings: PruneSettings fields, and ProfileSettings fields under
 # "profile". Besides DIET and the baselines, the ablations that decide whether task-awareness matters.
@@ -108,35 +110,62 @@ def _average_stderr(cell: dict, tasks: list[str]) -> float:
     return math.sqrt(sum(cell["tasks"][t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks)
 
 
+def paired_difference(cell: dict, reference: dict, tasks: list[str], golds: dict[str, dict[str, int]]
+                      ) -> tuple[float, float]:
+    """Average over tasks of (cell acc - reference acc) on the same examples, and its standard error:
+    per-example differences within a task (paired), tasks independent."""
+    means, variances = [], []
+    for task in tasks:
+        mine, theirs = cell["tasks"][task], reference["tasks"][task]
+        if mine["ids"] != theirs["ids"]:
+            raise DietError(f"{task}: the two cells were evaluated on different examples")
+        gold = np.array([golds[task][i] for i in mine["ids"]])
+        diff = (np.array(mine["preds"]) == gold).astype(float) - (np.array(theirs["preds"]) == gold)
+        means.append(diff.mean())
+        variances.append(diff.var(ddof=1) / len(diff))
+    return float(np.mean(means)), math.sqrt(sum(variances)) / len(tasks)
+
+
 def tables(results: dict, variants, sparsities, recoveries) -> str:
-    """Markdown in the paper's shape: one block per sparsity, rows = methods, acc per task + averages."""
+    """Markdown in the paper's shape: one block per sparsity, rows = methods, acc per task + averages,
+    and each method's paired difference to DIET (vote) on the same examples when DIET is in the sweep."""
     heldout = results["heldout"]
     profiled = [t for t in results["tasks"] if t not in heldout]
-    header = ("| method | params | " + " | ".join(profiled) + " | **avg** | "
+    source = results["cells"]["dense"]["settings"]["source"]
+    golds = {t: {ex.id: ex.gold for ex in load_examples(t, source)} for t in profiled}
+    versus = "diet" in variants
+    header = ("| method | params | " + " | ".join(profiled) + " | **avg** | " + ("avg - diet | " * versus)
               + " | ".join(f"{t} (held out)" for t in heldout) + " | ppl |")
-    rule = "|---|---:|" + "---:|" * (len(profiled) + 2 + len(heldout))
+    rule = "|---|---:|" + "---:|" * (len(profiled) + 2 + versus + len(heldout))
 
-    def row(label: str, cell: dict) -> str:
+    def row(label: str, cell: dict, reference: dict | None) -> str:
         if "error" in cell:
             return f"| {label} | – | n/a: {cell['error']} |"
         params = cell.get("prune", {}).get("params_after")
         accs = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in profiled]
         held = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in heldout]
         ppl = f"{cell['perplexity']['perplexity']:.1f}" if "perplexity" in cell else "–"
-        avg = f"**{100 * _average(cell, profiled):.1f}** ± {100 * _average_stderr(cell, profiled):.1f}"
+        avg = f"**{100 * _average(cell, profiled):.1f}** ± {100 * _average_stderr(cell, profiled):.1f} | "
+        if versus:
+            usable = reference is not None and "error" not in reference and reference is not cell
+            delta, err = paired_difference(cell, reference, profiled, golds) if usable else (None, None)
+            avg += f"{100 * delta:+.1f} ± {100 * err:.1f} | " if usable else "– | "
         return (f"| {label} | {f'{params / 1e6:.1f}M' if params else 'dense'} | " + " | ".join(accs)
-                + f" | {avg} | " + " | ".join(held) + f" | {ppl} |")
+                + f" | {avg}" + " | ".join(held) + f" | {ppl} |")
 
     blocks = [f"acc (%), {results['limit']} examples per task (fewer where the split, after calibration, "
-              "has fewer); avg ± its standard error; held-out tasks are never profiled; ppl = "
-              "perplexity on 256 held-out LAMBADA passages.\n",
-              "**dense**\n", header, rule, row("dense", results["cells"]["dense"]), ""]
+              "has fewer); avg ± its standard error"
+              + ("; avg - diet: paired difference to DIET on the same examples ± its standard error" if versus
+                 else "")
+              + "; held-out tasks are never profiled; ppl = perplexity on 256 held-out LAMBADA passages.\n",
+              "**dense**\n", header, rule, row("dense", results["cells"]["dense"], None), ""]
     for sparsity in sparsities:
         blocks += [f"**sparsity {sparsity:.0%}**\n", header, rule]
-        for variant in variants:
-            for recover in recoveries:
+        for recover in recoveries:
+            reference = results["cells"].get(cell_name("diet", sparsity, recover))
+            for variant in variants:
                 label = variant + (" + lsq" if recover == "lsq" else "")
-                blocks.append(row(label, results["cells"][cell_name(variant, sparsity, recover)]))
+                blocks.append(row(label, results["cells"][cell_name(variant, sparsity, recover)], reference))
         blocks.append("")
     return "\n".join(blocks)
 
