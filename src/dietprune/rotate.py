@@ -26,7 +26,7 @@ from dietprune.errors import DietError
 from dietprune.models.adapters import adapter_for
 from dietprune.profile import calibration_batches
 from dietprune.progress import progress
-from dietprune.slice import kept_width_step, slice_model, sliced_param_count
+from dietprune.slice import CHUNK_BYTES, kept_width_step, slice_model, sliced_param_count
 
 
 @torch.inference_mode()
@@ -80,7 +80,7 @@ def rotate(model: PreTrainedModel, q: torch.Tensor) -> None:
     def fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
         gain = adapter.norm_offset + norm.weight.double()
         for reader in readers:
-            reader.weight.copy_((reader.weight.double() * gain) @ q)
+            _rotate_rows(reader.weight, q, gain)
         norm.weight.fill_(1 - adapter.norm_offset)
 
     for layer in model.get_submodule(adapter.layers):
@@ -89,11 +89,20 @@ def rotate(model: PreTrainedModel, q: torch.Tensor) -> None:
                  [layer.get_submodule(name) for name in adapter.readers if name.startswith(prefix)])
         for name in adapter.writers:
             writer = layer.get_submodule(name)
-            writer.weight.copy_(q.T @ writer.weight.double())
+            _rotate_rows(writer.weight.T, q)
             if writer.bias is not None:
-                writer.bias.copy_(writer.bias.double() @ q)
+                _rotate_rows(writer.bias[None], q)
     fold(model.get_submodule(adapter.final_norm), [head])
-    embedding.weight.copy_(embedding.weight.double() @ q)
+    _rotate_rows(embedding.weight, q)
+
+
+def _rotate_rows(matrix: torch.Tensor, q: torch.Tensor, gain: torch.Tensor | None = None) -> None:
+    """matrix <- (matrix * gain) @ q in place, a block of rows at a time in float64 (bounded memory:
+    the embedding of a 256k vocabulary would otherwise need a full float64 copy)."""
+    step = max(1, CHUNK_BYTES // (8 * matrix.shape[1]))
+    for start in range(0, matrix.shape[0], step):
+        block = matrix[start:start + step].double()
+        matrix[start:start + step] = (block if gain is None else block * gain) @ q
 
 
 def slicegpt(model: PreTrainedModel, tokenizer, texts: list[str], target_params: int, batch_size: int = 8,
