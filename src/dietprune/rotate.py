@@ -119,8 +119,8 @@ def slicegpt(model: PreTrainedModel, tokenizer, texts: list[str], target_params:
     k = next((k for k in range(model.config.hidden_size - step, 0, -step)
               if sliced_param_count(model, k) <= target_params), None)
     if k is None:
-        raise DietError(f"slicegpt cannot reach {target_params:,} parameters: even one head-count step "
-                        "of width leaves more")
+        raise DietError(f"slicegpt cannot reach {target_params:,} parameters: even the narrowest width "
+                        f"({step}, one per head) has more")
     explained = float(eigenvalues[order[:k]].sum() / eigenvalues.sum())
     sliced = slice_model(model, torch.arange(k), in_place=True)
     record = {"method": "slicegpt",
