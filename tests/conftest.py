@@ -85,6 +85,12 @@ def model_type(request) -> str:
     return request.param
 
 
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits, without gradients."""
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))

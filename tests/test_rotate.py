@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAST_PROFILE, stock_logits, tiny_model, tiny_tokenizer
+from conftest import FAST_PROFILE, logits, stock_logits, tiny_model, tiny_tokenizer
 
 from dietprune.errors import DietError
 from dietprune.rotate import residual_covariance, rotate, slicegpt
@@ -16,11 +16,6 @@ from dietprune.structural import count_params
 TEXTS = ["the a is b of c .", "Question: is the x y ? Answer: yes", "a b c d e f g h i j k",
          "the c is no d", "True False yes no , the of a"]
 PRE_NORM = ("gemma", "llama", "mistral", "qwen2", "qwen3")
-
-
-def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids).logits
 
 
 def random_rotation(d: int) -> torch.Tensor:

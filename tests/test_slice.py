@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HIDDEN, stock_logits, tiny_model
+from conftest import HIDDEN, logits, stock_logits, tiny_model
 
 from dietprune.errors import DietError
 from dietprune.mask import masked
@@ -12,11 +12,6 @@ from dietprune.models.adapters import ADAPTERS, adapter_for
 from dietprune.slice import slice_model
 
 KEEP = torch.randperm(HIDDEN, generator=torch.Generator().manual_seed(2))[:32]
-
-
-def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids).logits
 
 
 def test_every_adapter_has_a_tiny_model(model_type):

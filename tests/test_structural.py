@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import CONFIGS, stock_logits, tiny_model, tiny_tokenizer
+from conftest import CONFIGS, logits, stock_logits, tiny_model, tiny_tokenizer
 
 from dietprune.errors import DietError
 from dietprune.structural import block_influence, count_params, shortgpt, wanda_sp, wanda_sp_scores
@@ -24,11 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids).logits
 
 
 def prune(method: str, model, fraction: float, **kwargs):
