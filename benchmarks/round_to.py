@@ -17,12 +17,10 @@ import tempfile
 from pathlib import Path
 
 from dietprune.api import ProfileSettings, PruneSettings, profile_tasks, prune
-from dietprune.bench import measure_in_subprocess, speedups
+from dietprune.bench import SPEEDUP_METRICS, measure_in_subprocess, speedups
 from dietprune.errors import DietError
 from dietprune.models.load import load_model, resolve
 from dietprune.scores import save_scores
-
-METRICS = ("prefill_b1_tok_s", "prefill_b8_tok_s", "decode_b1_tok_s")
 
 
 def main() -> None:
@@ -59,9 +57,9 @@ def main() -> None:
                          "params": record["params_after"], "pruned": run})
             print(json.dumps({"round_to": round_to, "k": record["hidden_size_after"]}), flush=True)
         dense_runs.append(measure_in_subprocess(dense_path, args.repeats))
-    dense = {m: sum(r[m] for r in dense_runs) / 2 for m in METRICS} | {
-        k: v for k, v in dense_runs[0].items() if k.endswith("flops_per_token")}
-    noise = {m: abs(dense_runs[1][m] / dense_runs[0][m] - 1) for m in METRICS}
+    dense = {m: sum(r[m] for r in dense_runs) / len(dense_runs) for m in SPEEDUP_METRICS} | {
+        flops: dense_runs[0][flops] for flops in SPEEDUP_METRICS.values()}
+    noise = {m: abs(dense_runs[-1][m] / dense_runs[0][m] - 1) for m in SPEEDUP_METRICS}
     for row in rows:
         if "pruned" in row:
             row["speedup"] = speedups(dense, row["pruned"])
@@ -81,7 +79,7 @@ def table(rows: list[dict], noise: dict) -> str:
         cells = [f"{s['measured']:.2f}x / {s['ideal']:.2f}x = {s['ratio']:.2f}"
                  for s in row["speedup"].values()]
         lines.append(f"| {row['round_to']} | {row['hidden_size']} | " + " | ".join(cells) + " |")
-    drift = " | ".join(f"{100 * noise[m]:.1f}%" for m in METRICS)
+    drift = " | ".join(f"{100 * noise[m]:.1f}%" for m in SPEEDUP_METRICS)
     lines.append(f"| dense drift (first vs last run) | | {drift} |")
     return "\n".join(lines)
 

@@ -20,6 +20,11 @@ from torch import nn
 
 PROMPT = 512
 NEW_TOKENS = 128
+SPEEDUP_METRICS = {  # throughput -> the FLOPs per token its ideal speedup is the ratio of
+    "prefill_b1_tok_s": "prefill_flops_per_token",
+    "prefill_b8_tok_s": "prefill_flops_per_token",
+    "decode_b1_tok_s": "decode_flops_per_token",
+}
 
 
 def matmul_flops_per_token(model: nn.Module, context: int, with_head: bool) -> float:
@@ -81,9 +86,7 @@ def measure_in_subprocess(path: str, repeats: int = 3, dtype: str = "float32") -
 def speedups(dense: dict, pruned: dict) -> dict:
     """Per metric: measured speedup, ideal speedup (FLOP ratio) and their quotient."""
     result = {}
-    for metric, flops in (("prefill_b1_tok_s", "prefill_flops_per_token"),
-                          ("prefill_b8_tok_s", "prefill_flops_per_token"),
-                          ("decode_b1_tok_s", "decode_flops_per_token")):
+    for metric, flops in SPEEDUP_METRICS.items():
         measured, ideal = pruned[metric] / dense[metric], dense[flops] / pruned[flops]
         result[metric] = {"measured": measured, "ideal": ideal, "ratio": measured / ideal}
     return result
