@@ -27,6 +27,7 @@ from dietprune.models.adapters import adapter_for
 from dietprune.profile import calibration_batches
 from dietprune.progress import progress
 from dietprune.slice import CHUNK_BYTES, kept_width_step, slice_model, sliced_param_count
+from dietprune.structural import count_params
 
 
 @torch.inference_mode()
@@ -128,5 +129,5 @@ def slicegpt(model: PreTrainedModel, tokenizer, texts: list[str], target_params:
                       "the final norm's input), norm gains folded into readers, then the widest K at most "
                       "the target parameters",
               "hidden_size": k, "untied_head": untied, "explained_variance": explained,
-              "target_params": target_params, "params_after": sum(p.numel() for p in sliced.parameters())}
+              "target_params": target_params, "params_after": count_params(sliced)}
     return sliced, record
