@@ -179,11 +179,7 @@ def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSett
 def _prune_hidden(model, tokenizer, source: ModelSource, k: int, settings: PruneSettings,
                   profile_settings: ProfileSettings, scores: tuple | None) -> tuple:
     """Scores -> one mask of k dims -> the sliced (and optionally recovered) model, and its record."""
-    stats, meta = scores or method_stats(settings.method, model, tokenizer, source, profile_settings,
-                                         settings.aggregation)
-    names = _merged_names(list(stats), settings.merge_tasks)
-    matrix = torch.stack([stats[name].score(settings.aggregation) for name in names])
-    keep = merge(matrix, k, settings.merge)
+    keep, names, matrix, meta = choose_dims(model, tokenizer, source, k, settings, profile_settings, scores)
     # recovery needs the dense model beside the sliced one; otherwise slice in the dense model's memory
     sliced = slice_model(model, keep, in_place=settings.recover == "none")
     recovery = None
@@ -191,6 +187,17 @@ def _prune_hidden(model, tokenizer, source: ModelSource, k: int, settings: Prune
         recovery = _recover(model, sliced, tokenizer, profile_settings, settings)
     return sliced, {"kept_dims": keep.tolist(), "profile": meta,
                     "task_agreement": agreement(matrix, keep, names), "recovery": recovery}
+
+
+def choose_dims(model, tokenizer, source: ModelSource, k: int, settings: PruneSettings,
+                profile_settings: ProfileSettings, scores: tuple | None = None) -> tuple:
+    """The k kept hidden dims of a hidden-dim method: (keep, merged source names, their (sources, d)
+    scores, profile metadata). `scores`: (stats, meta) read from a file instead of profiling."""
+    stats, meta = scores or method_stats(settings.method, model, tokenizer, source, profile_settings,
+                                         settings.aggregation)
+    names = _merged_names(list(stats), settings.merge_tasks)
+    matrix = torch.stack([stats[name].score(settings.aggregation) for name in names])
+    return merge(matrix, k, settings.merge), names, matrix, meta
 
 
 def _prune_structure(model, tokenizer, k: int, settings: PruneSettings, profile_settings: ProfileSettings

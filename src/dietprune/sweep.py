@@ -46,6 +46,14 @@ def cell_name(variant: str, sparsity: float, recover: str) -> str:
     return f"{variant}-s{round(sparsity * 100):02d}-{recover}"
 
 
+def variant_settings(variant: str, base: PruneSettings, profile_settings: ProfileSettings,
+                     sparsity: float, recover: str = "none") -> tuple[PruneSettings, ProfileSettings]:
+    """The prune and profile settings of one variant at one sparsity."""
+    overrides = dict(VARIANTS[variant])
+    profiled = replace(profile_settings, **overrides.pop("profile", {}))
+    return replace(base, sparsity=sparsity, recover=recover, **overrides), profiled
+
+
 def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: list[float],
           recoveries: list[str], base: PruneSettings, profile_settings: ProfileSettings,
           heldout: tuple[str, ...], limit: int | None, dtype=None, fresh: bool = False) -> dict:
@@ -69,9 +77,7 @@ def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: li
     for sparsity in sparsities:
         for variant in variants:
             for recover in recoveries:
-                overrides = dict(VARIANTS[variant])
-                profiled = replace(profile_settings, **overrides.pop("profile", {}))
-                settings = replace(base, sparsity=sparsity, recover=recover, **overrides)
+                settings, profiled = variant_settings(variant, base, profile_settings, sparsity, recover)
                 name = cell_name(variant, sparsity, recover)
                 try:
                     cells[name] = cached(name, lambda s=settings, p=profiled: _prune_and_evaluate(

@@ -1,0 +1,62 @@
+"""How far each hidden-dim variant of `diet sweep` moves the mask away from DIET's: which ablations can
+change accuracy at all, before paying for their evaluation.
+
+    .venv/bin/python benchmarks/mask_overlap.py [--model gemma-3-270m] [--sparsities 0.05 0.1 0.2 0.3 0.5]
+
+Each variant's mask is chosen exactly as `diet sweep` chooses it (same settings, same cached profiles).
+Per (variant, sparsity): K and the number of kept dims not in DIET's mask. Writes
+benchmarks/results/mask_overlap-<model>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dietprune.api import ProfileSettings, PruneSettings, choose_dims
+from dietprune.merge import kept_width
+from dietprune.methods import STRUCTURAL_METHODS
+from dietprune.models.load import load_model
+from dietprune.slice import kept_width_step
+from dietprune.sweep import VARIANTS, variant_settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    out = args.out or Path(f"benchmarks/results/mask_overlap-{args.model}.json")
+    variants = [v for v, spec in VARIANTS.items() if spec["method"] not in STRUCTURAL_METHODS]
+    model, tokenizer, source = load_model(args.model)
+    d, step = model.config.hidden_size, kept_width_step(model.config, None)
+    rows = []
+    for sparsity in args.sparsities:
+        k = kept_width(d, sparsity, step)
+        masks = {}
+        for variant in variants:
+            settings, profiled = variant_settings(variant, PruneSettings(), ProfileSettings(), sparsity)
+            masks[variant] = set(choose_dims(model, tokenizer, source, k, settings, profiled)[0].tolist())
+        rows += [{"variant": v, "sparsity": sparsity, "k": k, "not_in_diet": len(masks[v] - masks["diet"])}
+                 for v in variants]
+        print(json.dumps(rows[-len(variants):]), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "hidden_size": d, "rows": rows}, indent=1) + "\n")
+    print(table(rows, args.sparsities))
+
+
+def table(rows: list[dict], sparsities: list[float]) -> str:
+    """Rows = variants, columns = sparsities (K), cells = kept dims not in DIET's mask."""
+    by = {(r["variant"], r["sparsity"]): r for r in rows}
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = ["| variant | " + " | ".join(f"{s:.0%} (K={by['diet', s]['k']})" for s in sparsities) + " |",
+             "|---|" + "---:|" * len(sparsities)]
+    lines += [f"| {v} | " + " | ".join(str(by[v, s]["not_in_diet"]) for s in sparsities) + " |"
+              for v in variants]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
