@@ -78,3 +78,23 @@ def test_paired_difference_counts_the_same_examples():
     cell["tasks"]["b"]["ids"] = ["1", "0"]
     with pytest.raises(DietError, match="different examples"):
         paired_difference(cell, reference, ["a", "b"], golds)
+
+
+def test_seed_mean_averages_correctness_per_example():
+    from dietprune.errors import DietError
+    from dietprune.sweep import paired_difference, seed_mean
+
+    golds = {"a": {"0": 0, "1": 1, "2": 1, "3": 0}}
+    ids = ["0", "1", "2", "3"]
+    seeds = [{"tasks": {"a": {"ids": ids, "preds": [0, 1, 0, 1]}}, "prune": {"params_after": 7}},  # 1 1 0 0
+             {"tasks": {"a": {"ids": ids, "preds": [0, 0, 0, 0]}}, "prune": {"params_after": 7}}]  # 1 0 0 1
+    mean = seed_mean(seeds, ["a"], golds)
+    assert mean["tasks"]["a"]["correct"] == [1.0, 0.5, 0.0, 0.5]
+    assert mean["tasks"]["a"]["acc"] == pytest.approx(0.5)
+    assert mean["tasks"]["a"]["acc_stderr"] == pytest.approx((0.5 / 3) ** 0.5 / 2)
+    reference = {"tasks": {"a": {"ids": ids, "preds": [1, 1, 1, 1]}}}  # 0 1 1 0
+    delta, _ = paired_difference(mean, reference, ["a"], golds)
+    assert delta == pytest.approx(0.0)  # [1, -0.5, -1, 0.5]
+    seeds[1]["tasks"]["a"]["ids"] = ids[::-1]
+    with pytest.raises(DietError, match="different examples"):
+        seed_mean(seeds, ["a"], golds)

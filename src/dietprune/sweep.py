@@ -116,6 +116,28 @@ def _average_stderr(cell: dict, tasks: list[str]) -> float:
     return math.sqrt(sum(cell["tasks"][t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks)
 
 
+def correct(result: dict, golds: dict[str, int]) -> np.ndarray:
+    """Per example of one task's result: 1.0 where the acc prediction is right (or, for a seed mean,
+    the share of seeds that are right)."""
+    if "correct" in result:
+        return np.asarray(result["correct"], dtype=float)
+    return (np.array(result["preds"]) == np.array([golds[i] for i in result["ids"]])).astype(float)
+
+
+def seed_mean(cells: list[dict], tasks: list[str], golds: dict[str, dict[str, int]]) -> dict:
+    """One cell for the mean of several seeds' cells on the same examples: per example, the share of
+    seeds that are right; its acc is the mean acc, its standard error that of the per-example shares."""
+    merged = {}
+    for task in tasks:
+        ids = cells[0]["tasks"][task]["ids"]
+        if any(c["tasks"][task]["ids"] != ids for c in cells):
+            raise DietError(f"{task}: the seeds were evaluated on different examples")
+        share = np.mean([correct(c["tasks"][task], golds[task]) for c in cells], axis=0)
+        merged[task] = {"ids": ids, "correct": share.tolist(), "acc": float(share.mean()),
+                        "acc_stderr": float(share.std(ddof=1) / math.sqrt(len(share)))}
+    return {"tasks": merged, "prune": cells[0]["prune"]}
+
+
 def paired_difference(cell: dict, reference: dict, tasks: list[str], golds: dict[str, dict[str, int]]
                       ) -> tuple[float, float]:
     """Average over tasks of (cell acc - reference acc) on the same examples, and its standard error:
@@ -125,8 +147,7 @@ def paired_difference(cell: dict, reference: dict, tasks: list[str], golds: dict
         mine, theirs = cell["tasks"][task], reference["tasks"][task]
         if mine["ids"] != theirs["ids"]:
             raise DietError(f"{task}: the two cells were evaluated on different examples")
-        gold = np.array([golds[task][i] for i in mine["ids"]])
-        diff = (np.array(mine["preds"]) == gold).astype(float) - (np.array(theirs["preds"]) == gold)
+        diff = correct(mine, golds[task]) - correct(theirs, golds[task])
         means.append(diff.mean())
         variances.append(diff.var(ddof=1) / len(diff))
     return float(np.mean(means)), math.sqrt(sum(variances)) / len(tasks)
@@ -138,7 +159,7 @@ def tables(results: dict, variants, sparsities, recoveries) -> str:
     heldout = results["heldout"]
     profiled = [t for t in results["tasks"] if t not in heldout]
     source = results["cells"]["dense"]["settings"]["source"]
-    golds = {t: {ex.id: ex.gold for ex in load_examples(t, source)} for t in profiled}
+    golds = {t: {ex.id: ex.gold for ex in load_examples(t, source)} for t in profiled + heldout}
     versus = "diet" in variants
     header = ("| method | params | " + " | ".join(profiled) + " | **avg** | " + ("avg - diet | " * versus)
               + " | ".join(f"{t} (held out)" for t in heldout) + " | ppl |")
@@ -169,9 +190,15 @@ def tables(results: dict, variants, sparsities, recoveries) -> str:
         blocks += [f"**sparsity {sparsity:.0%}**\n", header, rule]
         for recover in recoveries:
             reference = results["cells"].get(cell_name("diet", sparsity, recover))
+            suffix = " + lsq" if recover == "lsq" else ""
             for variant in variants:
-                label = variant + (" + lsq" if recover == "lsq" else "")
-                blocks.append(row(label, results["cells"][cell_name(variant, sparsity, recover)], reference))
+                blocks.append(row(variant + suffix, results["cells"][cell_name(variant, sparsity, recover)],
+                                  reference))
+            seeds = [results["cells"][cell_name(v, sparsity, recover)] for v in variants
+                     if v.startswith("random-")]
+            if len(seeds) > 1 and not any("error" in c for c in seeds):
+                blocks.append(row(f"random, mean of {len(seeds)} seeds{suffix}",
+                                  seed_mean(seeds, profiled + heldout, golds), reference))
         blocks.append("")
     return "\n".join(blocks)
 
