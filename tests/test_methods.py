@@ -37,6 +37,19 @@ def test_random_depends_on_the_seed():
     assert torch.equal(random_scores(48, 3), random_scores(48, 3))
 
 
+def test_random_seed_is_not_the_calibration_seed(tiny_dir, tmp_path):
+    """--random-seed changes the ranking only: the recorded calibration draw (which evaluation
+    excludes) stays --seed's, so every random seed is evaluated on the same examples as DIET."""
+    from dietprune.api import ProfileSettings, PruneSettings
+    from dietprune.sweep import variant_settings
+
+    one = prune(tiny_dir, tmp_path / "a", "--method", "random", "--random-seed", "1")
+    two = prune(tiny_dir, tmp_path / "b", "--method", "random", "--random-seed", "2")
+    assert one["kept_dims"] != two["kept_dims"] and one["prune"]["random_seed"] == 1
+    settings, profiled = variant_settings("random-2", PruneSettings(), ProfileSettings(seed=5), 0.2)
+    assert (settings.method, settings.random_seed, profiled.seed) == ("random", 2, 5)
+
+
 def test_magnitude_ranks_a_silenced_dim_last():
     model = tiny_model("llama")
     with torch.no_grad():

@@ -62,6 +62,7 @@ class PruneSettings:
     recover: str = "none"  # "lsq": closed-form refit of the kept reader weights (recover.py)
     recover_samples: int = 32  # per task: the first of the calibration samples
     recover_alpha: float = 0.01
+    random_seed: int = 0  # the random method's ranking; not the calibration draw (ProfileSettings.seed)
 
 
 @dataclass
@@ -193,8 +194,7 @@ def choose_dims(model, tokenizer, source: ModelSource, k: int, settings: PruneSe
                 profile_settings: ProfileSettings, scores: tuple | None = None) -> tuple:
     """The k kept hidden dims of a hidden-dim method: (keep, merged source names, their (sources, d)
     scores, profile metadata). `scores`: (stats, meta) read from a file instead of profiling."""
-    stats, meta = scores or method_stats(settings.method, model, tokenizer, source, profile_settings,
-                                         settings.aggregation)
+    stats, meta = scores or method_stats(settings, model, tokenizer, source, profile_settings)
     names = _merged_names(list(stats), settings.merge_tasks)
     matrix = torch.stack([stats[name].score(settings.aggregation) for name in names])
     return merge(matrix, k, settings.merge), names, matrix, meta
@@ -218,9 +218,10 @@ def _prune_structure(model, tokenizer, k: int, settings: PruneSettings, profile_
                     "structure": structure, "recovery": None}
 
 
-def method_stats(method: str, model, tokenizer, source: ModelSource, profile_settings: ProfileSettings,
-                 aggregation: str = "l1") -> tuple[dict[str, ActivationStats], dict]:
+def method_stats(settings: PruneSettings, model, tokenizer, source: ModelSource,
+                 profile_settings: ProfileSettings) -> tuple[dict[str, ActivationStats], dict]:
     """Per source (a task, a corpus, or the data-free method itself), the stats its scores come from."""
+    method, aggregation = settings.method, settings.aggregation
     if method in ("diet", "relative", "act-weight"):
         stats, meta = profile_tasks(model, tokenizer, source, profile_settings)
         if method == "diet":
@@ -237,7 +238,7 @@ def method_stats(method: str, model, tokenizer, source: ModelSource, profile_set
     meta = {"model": source.name, "hidden_size": model.config.hidden_size, "versions": versions()}
     if method == "magnitude":
         return {"magnitude": ActivationStats.fixed(magnitude_scores(model))}, meta
-    scores = random_scores(model.config.hidden_size, profile_settings.seed)
+    scores = random_scores(model.config.hidden_size, settings.random_seed)
     return {"random": ActivationStats.fixed(scores)}, meta
 
 

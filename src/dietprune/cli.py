@@ -61,7 +61,7 @@ def _prune_settings(args: argparse.Namespace):
     if hasattr(args, "merge_tasks"):
         per_cell["merge_tasks"] = tuple(args.merge_tasks)
     return PruneSettings(round_to=args.round_to, aggregation=args.aggregation,
-                         recover_samples=args.recover_samples, **per_cell)
+                         recover_samples=args.recover_samples, random_seed=args.random_seed, **per_cell)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -194,6 +194,8 @@ def _add_prune_options(parser: argparse.ArgumentParser, per_cell: bool = False) 
                        help="K is a multiple of N and of the head count (default auto: the largest "
                             "of 64..1 whose step is <= width/64)")
     group.add_argument("--aggregation", choices=AGGREGATIONS, default="l1")
+    group.add_argument("--random-seed", type=int, default=0,
+                       help="seed of --method random's ranking (--seed draws the calibration samples)")
     group.add_argument("--recover-samples", type=int, default=32, help="per task, from the calibration set")
 
 

@@ -37,7 +37,7 @@ VARIANTS: dict[str, dict] = {
     "wanda-sp": {"method": "wanda-sp"},
     "slicegpt": {"method": "slicegpt"},
     "magnitude": {"method": "magnitude"},
-    **{f"random-{seed}": {"method": "random", "profile": {"seed": seed}} for seed in (0, 1, 2)},
+    **{f"random-{seed}": {"method": "random", "random_seed": seed} for seed in (0, 1, 2)},
 }
 DEFAULT_VARIANTS = ("diet", "mean", "agnostic", "magnitude", "random-0")
 
