@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dietprune.api import ProfileSettings, PruneSettings, evaluate_model, prune
 from dietprune.errors import DietError
@@ -64,6 +65,7 @@ def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: li
     if fresh and cells_dir.exists():
         shutil.rmtree(cells_dir)
     cells_dir.mkdir(parents=True, exist_ok=True)
+    check_cells(cells_dir, limit, str(dtype or torch.float32).removeprefix("torch."))
     tasks = tuple(profile_settings.tasks) + tuple(t for t in heldout if t not in profile_settings.tasks)
 
     def cached(name: str, compute) -> dict:
@@ -89,6 +91,16 @@ def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: li
     (out / "results.md").write_text(tables(results, variants, sparsities, recoveries) + "\n")
     plot(results, variants, sparsities, recoveries, out / "accuracy.png")
     return results
+
+
+def check_cells(cells_dir: Path, limit: int | None, dtype: str) -> None:
+    """Refuse to resume from cells evaluated on other examples or in another dtype."""
+    for path in sorted(cells_dir.glob("*.json")):
+        recorded = json.loads(path.read_text()).get("settings", {})
+        for flag, value in (("--limit", limit), ("--dtype", dtype)):
+            if recorded.get(flag[2:], value) != value:
+                raise DietError(f"{path} was evaluated with {flag} {recorded[flag[2:]]}, not {value}: "
+                                "use another --out, or --overwrite to discard the earlier cells")
 
 
 def _prune_and_evaluate(model_spec, settings: PruneSettings, profile_settings: ProfileSettings,
