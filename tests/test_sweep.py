@@ -50,6 +50,8 @@ def test_sweep_cells_table_plot_and_resume(tiny_dir, tmp_path, monkeypatch, caps
     assert averages["diet-s25-none"] == cells["diet-s25-none"]["average"]
     assert main([*argv, "--limit", "3"]) == 2  # other examples: refused, not mixed
     assert "was evaluated with --limit 2, not 3: use another --out" in capsys.readouterr().err
+    assert main([*argv, "--site", "norm_output"]) == 2  # diet's cell was profiled at block outputs
+    assert "diet-s25-none.json was profiled with another site: use another --out" in capsys.readouterr().err
 
 
 def test_a_method_that_does_not_apply_is_reported_not_cached(tiny_dir, tmp_path):

@@ -10,7 +10,7 @@ import json
 import math
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +81,7 @@ def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: li
             for recover in recoveries:
                 settings, profiled = variant_settings(variant, base, profile_settings, sparsity, recover)
                 name = cell_name(variant, sparsity, recover)
+                check_profile(cells_dir / f"{name}.json", profiled)
                 try:
                     cells[name] = cached(name, lambda s=settings, p=profiled: _prune_and_evaluate(
                         model_spec, s, p, tasks, limit, dtype))
@@ -101,6 +102,16 @@ def check_cells(cells_dir: Path, limit: int | None, dtype: str) -> None:
             if recorded.get(flag[2:], value) != value:
                 raise DietError(f"{path} was evaluated with {flag} {recorded[flag[2:]]}, not {value}: "
                                 "use another --out, or --overwrite to discard the earlier cells")
+
+
+def check_profile(path: Path, profiled: ProfileSettings) -> None:
+    """Refuse to resume from a cell profiled with other settings (e.g. another --site or --seed)."""
+    recorded = json.loads(path.read_text()).get("profile_settings") if path.is_file() else None
+    expected = json.loads(json.dumps(asdict(profiled)))
+    if recorded is not None and recorded != expected:
+        changed = ", ".join(k for k in expected if recorded.get(k) != expected[k])
+        raise DietError(f"{path} was profiled with another {changed}: use another --out, or --overwrite "
+                        "to discard the earlier cells")
 
 
 def _prune_and_evaluate(model_spec, settings: PruneSettings, profile_settings: ProfileSettings,
