@@ -278,6 +278,11 @@ def headline(result: dict) -> float | None:
     return result["acc_norm"] if "acc_norm" in result["metrics"] else result["acc"]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """How results record a dtype: "float32", "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 def summarize(per_task: dict[str, dict], settings: dict) -> dict:
     """Full results: per-task metrics, averages over tasks, settings.
 
@@ -318,7 +323,7 @@ def evaluate(
         "backend": "dietprune",
         "limit": limit,
         "batch_size": batch_size,
-        "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype or next(model.parameters()).dtype),
         "source": source,
         "excluded": {task: len(ids) for task, ids in (exclude or {}).items()},
     }

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from dietprune.errors import DietError
-from dietprune.evaluate import select_examples, summarize, task_result
+from dietprune.evaluate import dtype_name, select_examples, summarize, task_result
 from dietprune.tasks import Example, get_task, load_rows
 
 INSTALL_HINT = "pip install lm-eval==0.4.13"
@@ -117,7 +117,7 @@ def evaluate_lm_eval(
         "backend": "lm-eval",
         "limit": limit,
         "batch_size": batch_size,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": dtype_name(next(model.parameters()).dtype),
         "source": source,
         "excluded": {task: len(ids) for task, ids in (exclude or {}).items()},
     }

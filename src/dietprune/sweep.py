@@ -18,6 +18,7 @@ import torch
 
 from dietprune.api import ProfileSettings, PruneSettings, evaluate_model, prune
 from dietprune.errors import DietError
+from dietprune.evaluate import dtype_name
 from dietprune.io import write_json_atomic
 from dietprune.tasks import DEFAULT_TASKS, load_examples
 
@@ -65,7 +66,11 @@ def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: li
     if fresh and cells_dir.exists():
         shutil.rmtree(cells_dir)
     cells_dir.mkdir(parents=True, exist_ok=True)
-    check_cells(cells_dir, limit, str(dtype or torch.float32).removeprefix("torch."))
+    plan = {cell_name(variant, sparsity, recover): variant_settings(variant, base, profile_settings, sparsity,
+                                                                    recover)
+            for sparsity in sparsities for variant in variants for recover in recoveries}
+    check_cells(cells_dir, limit, dtype_name(dtype or torch.float32),
+                {name: profiled for name, (_, profiled) in plan.items()})
     tasks = tuple(profile_settings.tasks) + tuple(t for t in heldout if t not in profile_settings.tasks)
 
     def cached(name: str, compute) -> dict:
@@ -76,17 +81,12 @@ def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: li
 
     cells = {"dense": cached("dense", lambda: evaluate_model(model_spec, tasks, limit, profile_settings,
                                                              dtype=dtype))}
-    for sparsity in sparsities:
-        for variant in variants:
-            for recover in recoveries:
-                settings, profiled = variant_settings(variant, base, profile_settings, sparsity, recover)
-                name = cell_name(variant, sparsity, recover)
-                check_profile(cells_dir / f"{name}.json", profiled)
-                try:
-                    cells[name] = cached(name, lambda s=settings, p=profiled: _prune_and_evaluate(
-                        model_spec, s, p, tasks, limit, dtype))
-                except DietError as exc:  # a method that does not apply to this model: reported, not cached
-                    cells[name] = {"error": str(exc)}
+    for name, (settings, profiled) in plan.items():
+        try:
+            cells[name] = cached(name, lambda s=settings, p=profiled: _prune_and_evaluate(
+                model_spec, s, p, tasks, limit, dtype))
+        except DietError as exc:  # a method that does not apply to this model: reported, not cached
+            cells[name] = {"error": str(exc)}
     results = {"tasks": list(tasks), "heldout": list(heldout), "limit": limit, "cells": cells}
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text(tables(results, variants, sparsities, recoveries) + "\n")
@@ -94,24 +94,25 @@ def sweep(model_spec: str | None, out: Path, variants: list[str], sparsities: li
     return results
 
 
-def check_cells(cells_dir: Path, limit: int | None, dtype: str) -> None:
-    """Refuse to resume from cells evaluated on other examples or in another dtype."""
-    for path in sorted(cells_dir.glob("*.json")):
-        recorded = json.loads(path.read_text()).get("settings", {})
+def check_cells(cells_dir: Path, limit: int | None, dtype: str, profiles: dict[str, ProfileSettings]) -> None:
+    """Refuse to resume from cells evaluated on other examples or in another dtype, or from the cells
+    this sweep asks for (`profiles`, by name, in sweep order) profiled with other settings (e.g. another
+    --site or --seed)."""
+    cells = {path.stem: json.loads(path.read_text()) for path in sorted(cells_dir.glob("*.json"))}
+    for name, cell in cells.items():
+        recorded = cell.get("settings", {})
         for flag, value in (("--limit", limit), ("--dtype", dtype)):
             if recorded.get(flag[2:], value) != value:
-                raise DietError(f"{path} was evaluated with {flag} {recorded[flag[2:]]}, not {value}: "
-                                "use another --out, or --overwrite to discard the earlier cells")
-
-
-def check_profile(path: Path, profiled: ProfileSettings) -> None:
-    """Refuse to resume from a cell profiled with other settings (e.g. another --site or --seed)."""
-    recorded = json.loads(path.read_text()).get("profile_settings") if path.is_file() else None
-    expected = json.loads(json.dumps(asdict(profiled)))
-    if recorded is not None and recorded != expected:
-        changed = ", ".join(k for k in expected if recorded.get(k) != expected[k])
-        raise DietError(f"{path} was profiled with another {changed}: use another --out, or --overwrite "
-                        "to discard the earlier cells")
+                raise DietError(f"{cells_dir / name}.json was evaluated with {flag} "
+                                f"{recorded[flag[2:]]}, not {value}: use another --out, or --overwrite to "
+                                "discard the earlier cells")
+    for name, profiled in profiles.items():
+        recorded = cells.get(name, {}).get("profile_settings")
+        expected = json.loads(json.dumps(asdict(profiled)))
+        if recorded is not None and recorded != expected:
+            changed = ", ".join(k for k in expected if recorded.get(k) != expected[k])
+            raise DietError(f"{cells_dir / name}.json was profiled with another {changed}: use another "
+                            "--out, or --overwrite to discard the earlier cells")
 
 
 def _prune_and_evaluate(model_spec, settings: PruneSettings, profile_settings: ProfileSettings,
