@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dietprune.evaluate import _encode_requests, predictions, score_examples, select_examples
+from dietprune.engine import _encode_requests
+from dietprune.evaluate import score_examples, select_examples
+from dietprune.metrics import predictions
 from dietprune.models.load import load_model
 from dietprune.tasks import DEFAULT_TASKS
 

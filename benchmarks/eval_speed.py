@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dietprune.evaluate import score_examples, select_examples, task_result
+from dietprune.evaluate import score_examples, select_examples
 from dietprune.lm_eval_bridge import lm_eval_loglikelihoods
+from dietprune.metrics import task_result
 from dietprune.models.load import load_model
 from dietprune.tasks import DEFAULT_TASKS
 

@@ -14,12 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-from dietprune.api import ProfileSettings, PruneSettings, choose_dims
-from dietprune.merge import kept_width
-from dietprune.methods import STRUCTURAL_METHODS
-from dietprune.models.load import load_model
-from dietprune.slice import kept_width_step
-from dietprune.sweep import VARIANTS, variant_settings
+from dietprune.api import choose_dims, load
+from dietprune.merge import kept_width, kept_width_step
+from dietprune.methods import METHODS, VARIANTS, Context
+from dietprune.settings import CalibrationSettings, PruneSettings
+from dietprune.sweep import variant_settings
 
 
 def main() -> None:
@@ -29,16 +28,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or Path(f"benchmarks/results/mask_overlap-{args.model}.json")
-    variants = [v for v, spec in VARIANTS.items() if spec["method"] not in STRUCTURAL_METHODS]
-    model, tokenizer, source = load_model(args.model)
+    variants = [v for v, spec in VARIANTS.items() if METHODS[spec["method"]].kind == "hidden"]
+    loaded = load(args.model)
+    model = loaded.model
     d, step = model.config.hidden_size, kept_width_step(model.config, None)
     rows = []
     for sparsity in args.sparsities:
         k = kept_width(d, sparsity, step)
         masks = {}
         for variant in variants:
-            settings, profiled = variant_settings(variant, PruneSettings(), ProfileSettings(), sparsity)
-            masks[variant] = set(choose_dims(model, tokenizer, source, k, settings, profiled)[0].tolist())
+            settings, calibration = variant_settings(variant, PruneSettings(), CalibrationSettings(),
+                                                     sparsity)
+            stats = METHODS[settings.method].scores(Context(model, loaded.tokenizer, calibration), settings)
+            masks[variant] = set(choose_dims(stats, k, settings)[0].tolist())
         rows += [{"variant": v, "sparsity": sparsity, "k": k, "not_in_diet": len(masks[v] - masks["diet"])}
                  for v in variants]
         print(json.dumps(rows[-len(variants):]), flush=True)

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from dietprune.api import ProfileSettings, profile_tasks
-from dietprune.merge import kept_width, merge
-from dietprune.models.load import load_model
-from dietprune.slice import kept_width_step
+from dietprune.api import load, profile
+from dietprune.merge import kept_width, kept_width_step, merge
 
 
 def main() -> None:
@@ -33,11 +31,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or Path(f"benchmarks/results/mask_stability-{args.model}.json")
-    model, tokenizer, source = load_model(args.model)
-    d, step = model.config.hidden_size, kept_width_step(model.config, args.round_to)
+    loaded = load(args.model)
+    d, step = loaded.model.config.hidden_size, kept_width_step(loaded.model.config, args.round_to)
     masks: dict[tuple[int, int, float], set[int]] = {}
     for samples, seed in {*itertools.product(args.samples, args.seeds), (100, 0)}:
-        stats, _ = profile_tasks(model, tokenizer, source, ProfileSettings(samples=samples, seed=seed))
+        stats, _ = profile(loaded, samples=samples, seed=seed)
         matrix = torch.stack([s.score() for s in stats.values()])
         for sparsity in args.sparsities:
             masks[samples, seed, sparsity] = set(merge(matrix, kept_width(d, sparsity, step)).tolist())

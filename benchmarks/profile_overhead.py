@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from dietprune.api import ProfileSettings, calibration_texts
+from dietprune.calibration import task_corpus, token_batches
 from dietprune.models.load import load_model
-from dietprune.profile import calibration_batches, profile
+from dietprune.profile import profile
+from dietprune.settings import CalibrationSettings
 
 
 def main() -> None:
@@ -27,13 +28,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile_overhead.json"))
     args = parser.parse_args()
     model, tokenizer, source = load_model(args.model)
-    _, texts = calibration_texts(args.task, ProfileSettings())
+    texts = task_corpus(args.task, CalibrationSettings()).texts
     encoded = sorted((tokenizer(t)["input_ids"] for t in texts), key=len, reverse=True)
 
     def plain() -> None:  # the same tokenization, batching and forward passes, without hooks
         with torch.inference_mode():
-            for batch in calibration_batches(tokenizer, texts, batch_size=8, max_length=1024):
-                model.get_decoder()(**batch)
+            for batch in token_batches(tokenizer, texts, batch_size=8, max_length=1024):
+                model.get_decoder()(**batch, use_cache=False)
 
     def hooked() -> None:
         profile(model, tokenizer, texts, batch_size=8, desc="hooked")

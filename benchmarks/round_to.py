@@ -16,11 +16,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from dietprune.api import ProfileSettings, PruneSettings, profile_tasks, prune
+from dietprune.api import profile, prune, save
 from dietprune.bench import SPEEDUP_METRICS, measure_in_subprocess, speedups
 from dietprune.errors import DietError
-from dietprune.models.load import load_model, resolve
+from dietprune.models.load import resolve
 from dietprune.scores import save_scores
+from dietprune.settings import PruneSettings
 
 
 def main() -> None:
@@ -36,16 +37,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         scores = Path(tmp) / "scores.safetensors"
-        model, tokenizer, source = load_model(args.model)
-        stats, meta = profile_tasks(model, tokenizer, source, ProfileSettings())
-        save_scores(scores, stats, meta)
-        del model
+        save_scores(scores, *profile(args.model))
         pruned = {}
         for round_to in args.roundings:
             path = Path(tmp) / f"r{round_to}"
             try:
-                record = prune(args.model, path, PruneSettings(sparsity=args.sparsity, round_to=round_to),
-                               scores_path=scores).record
+                result = prune(args.model, settings=PruneSettings(sparsity=args.sparsity, round_to=round_to),
+                               scores=scores, in_place=True)
+                save(result, path)
+                record = result.record
             except DietError as exc:
                 rows.append({"round_to": round_to, "error": str(exc)})
                 continue

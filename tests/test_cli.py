@@ -36,9 +36,9 @@ def test_prune_writes_a_standard_checkpoint(tiny_dir, tmp_path, capsys):
     assert "hidden 48 -> 36" in capsys.readouterr().out  # auto rounding: a multiple of the 4 heads
     record = json.loads((out / "dietprune.json").read_text())
     assert record["hidden_size_after"] == 36 and len(record["kept_dims"]) == 36
-    assert record["kept_width_step"] == 4 and record["prune"]["round_to"] is None
-    assert set(record["profile"]["tasks"]) == {"arc_easy", "boolq", "rte"}
-    assert all(len(t["ids"]) == 4 for t in record["profile"]["tasks"].values())
+    assert record["kept_width_step"] == 4 and record["settings"]["round_to"] is None
+    assert set(record["calibration"]) == {"arc_easy", "boolq", "rte"}
+    assert all(len(t["ids"]) == 4 for t in record["calibration"].values())
     assert AutoConfig.from_pretrained(out).hidden_size == 36
     assert AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.shape == (64, 36)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
@@ -112,9 +112,7 @@ def test_width_the_heads_cannot_take(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("value", ["0", "-8", "eight"])
 def test_bad_round_to(value, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["prune", "--round-to", value])
-    assert exc.value.code == 2 and "positive integer or 'auto'" in capsys.readouterr().err
+    assert "positive integer or 'auto'" in run_error(capsys, ["prune", "--round-to", value])
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
@@ -154,16 +152,16 @@ def test_rerun_is_byte_identical(tiny_dir, tmp_path, monkeypatch):
         monkeypatch.setenv("DIETPRUNE_CACHE", str(tmp_path / f"cache-{name}"))  # no shared cache
         assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / name), *FAST]) == 0
     a, b = (json.loads((tmp_path / n / "dietprune.json").read_text()) for n in "ab")
-    assert a["kept_dims"] == b["kept_dims"] and a["profile"] == b["profile"]
+    assert a["kept_dims"] == b["kept_dims"] and a["calibration"] == b["calibration"]
     weights = [(tmp_path / n / "model.safetensors").read_bytes() for n in "ab"]
     assert weights[0] == weights[1]
 
 
 def test_interrupted_profile_resumes_from_finished_tasks(tiny_dir, tmp_path, monkeypatch, capsys):
-    import dietprune.api
+    import dietprune.scores
 
     calls = []
-    real_profile = dietprune.api.profile
+    real_profile = dietprune.scores.profile
 
     def interrupted(*args, **kwargs):
         calls.append(kwargs["desc"])
@@ -171,7 +169,7 @@ def test_interrupted_profile_resumes_from_finished_tasks(tiny_dir, tmp_path, mon
             raise KeyboardInterrupt
         return real_profile(*args, **kwargs)
 
-    monkeypatch.setattr(dietprune.api, "profile", interrupted)
+    monkeypatch.setattr(dietprune.scores, "profile", interrupted)
     out = tmp_path / "scores.safetensors"
     assert main(["profile", "--model", str(tiny_dir), "--out", str(out), *FAST]) == 130
     assert "interrupted" in capsys.readouterr().err and not out.exists()

@@ -10,19 +10,11 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from dietprune.engine import _build_rows, _encode_requests, encode_pair, loglikelihoods
 from dietprune.errors import DietError
-from dietprune.evaluate import (
-    _build_rows,
-    _encode_requests,
-    encode_pair,
-    evaluate,
-    loglikelihoods,
-    markdown_table,
-    perplexity,
-    predictions,
-    score_examples,
-    select_examples,
-)
+from dietprune.evaluate import evaluate, perplexity, score_examples, select_examples
+from dietprune.metrics import predictions
+from dietprune.report import markdown_table
 
 CORPUS = [
     "Question: Which gas do plants take in?\nAnswer: carbon dioxide",
@@ -153,15 +145,15 @@ def test_perplexity_matches_naive(tokenizer):
 
 
 def test_perplexity_text_is_never_calibration_text():
-    from dietprune.methods import generic_texts
+    from dietprune.calibration import generic_corpus
     from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 
     passages = lambada_passages()
     held_out = {i for i, _ in passages[-PERPLEXITY_PASSAGES:]}
-    ids, _ = generic_texts(len(passages) - PERPLEXITY_PASSAGES)  # the largest generic calibration set
+    ids = generic_corpus(len(passages) - PERPLEXITY_PASSAGES).ids  # the largest generic calibration set
     assert len(held_out) == PERPLEXITY_PASSAGES and not held_out & set(ids)
     with pytest.raises(DietError, match="calibration passages"):
-        generic_texts(len(passages) - PERPLEXITY_PASSAGES + 1)
+        generic_corpus(len(passages) - PERPLEXITY_PASSAGES + 1)
 
 
 @pytest.mark.slow

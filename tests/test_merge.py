@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from dietprune.errors import DietError
-from dietprune.merge import kept_width, merge, task_votes
-from dietprune.slice import kept_width_step
+from dietprune.merge import kept_width, kept_width_step, merge, task_votes
 
 
 def test_vote_keeps_majority_not_largest_mean():

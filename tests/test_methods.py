@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import FAST_PROFILE, tiny_model
 
+from dietprune.calibration import generic_corpus
 from dietprune.cli import main
-from dietprune.methods import generic_texts, magnitude_scores, random_scores
+from dietprune.methods.magnitude import magnitude_scores
+from dietprune.methods.random import random_scores
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -40,13 +42,13 @@ def test_random_depends_on_the_seed():
 def test_random_seed_is_not_the_calibration_seed(tiny_dir, tmp_path):
     """--random-seed changes the ranking only: the recorded calibration draw (which evaluation
     excludes) stays --seed's, so every random seed is evaluated on the same examples as DIET."""
-    from dietprune.api import ProfileSettings, PruneSettings
+    from dietprune.settings import CalibrationSettings, PruneSettings
     from dietprune.sweep import variant_settings
 
     one = prune(tiny_dir, tmp_path / "a", "--method", "random", "--random-seed", "1")
     two = prune(tiny_dir, tmp_path / "b", "--method", "random", "--random-seed", "2")
-    assert one["kept_dims"] != two["kept_dims"] and one["prune"]["random_seed"] == 1
-    settings, profiled = variant_settings("random-2", PruneSettings(), ProfileSettings(seed=5), 0.2)
+    assert one["kept_dims"] != two["kept_dims"] and one["settings"]["random_seed"] == 1
+    settings, profiled = variant_settings("random-2", PruneSettings(), CalibrationSettings(seed=5), 0.2)
     assert (settings.method, settings.random_seed, profiled.seed) == ("random", 2, 5)
 
 
@@ -65,8 +67,8 @@ def test_magnitude_ranks_a_silenced_dim_last():
 
 
 def test_generic_text_is_lambada():
-    ids, texts = generic_texts(3)
-    assert ids == ["0", "1", "2"] and texts[0].startswith("In my palm is a clear stone")
+    corpus = generic_corpus(3)
+    assert corpus.ids == ("0", "1", "2") and corpus.texts[0].startswith("In my palm is a clear stone")
 
 
 @pytest.mark.parametrize("method", ["shortgpt", "wanda-sp"])
@@ -81,7 +83,7 @@ def test_structural_baselines_match_the_hidden_dim_size(tiny_dir, tmp_path, meth
     assert structure["target_params"] == target and record["params_after"] < record["params_before"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / method)
     assert sum(p.numel() for p in reloaded.parameters()) == record["params_after"]
-    assert set(record["profile"]["tasks"]) == {"arc_easy", "boolq", "rte"}  # excluded from evaluation
+    assert set(record["calibration"]) == {"arc_easy", "boolq", "rte"}  # excluded from evaluation
     assert prune(tiny_dir, tmp_path / f"{method}-again", "--method", method)["structure"] == structure
 
 

@@ -9,9 +9,9 @@ import torch
 from conftest import FAST_PROFILE, logits, stock_logits, tiny_model, tiny_tokenizer
 
 from dietprune.errors import DietError
-from dietprune.rotate import residual_covariance, rotate, slicegpt
+from dietprune.methods.slicegpt import residual_covariance, rotate, slicegpt
+from dietprune.models.edit import count_params
 from dietprune.slice import slice_model, sliced_param_count
-from dietprune.structural import count_params
 
 TEXTS = ["the a is b of c .", "Question: is the x y ? Answer: yes", "a b c d e f g h i j k",
          "the c is no d", "True False yes no , the of a"]

@@ -9,7 +9,9 @@ import torch
 from conftest import CONFIGS, logits, stock_logits, tiny_model, tiny_tokenizer
 
 from dietprune.errors import DietError
-from dietprune.structural import block_influence, count_params, shortgpt, wanda_sp, wanda_sp_scores
+from dietprune.methods.shortgpt import block_influence, shortgpt
+from dietprune.methods.wanda_sp import wanda_sp, wanda_sp_scores
+from dietprune.models.edit import count_params
 
 TEXTS = ["the a is b of c .", "Question: is the x y ? Answer: yes", "no", "a b c d e f g h i j k",
          "the c is no d", "True False yes no , the of a"]

@@ -24,8 +24,8 @@ def test_sweep_cells_table_plot_and_resume(tiny_dir, tmp_path, monkeypatch, caps
     assert set(cells) == {"dense"} | {f"{v}-s25-none" for v in VARIANTS}
     assert {len(cells[f"{v}-s25-none"]["kept_dims"]) for v in VARIANTS} == {36}
     assert len({tuple(cells[f"{v}-s25-none"]["kept_dims"]) for v in VARIANTS}) > 3  # they differ
-    assert cells["samples-10-s25-none"]["profile_settings"]["samples"] == 10
-    assert cells["norm-site-s25-none"]["profile_settings"]["site"] == "norm_output"
+    assert cells["samples-10-s25-none"]["prune"]["settings"]["samples"] == 10
+    assert cells["norm-site-s25-none"]["prune"]["settings"]["site"] == "norm_output"
     assert cells["only-rte-s25-none"]["prune"]["task_agreement"] == {"rte": 36}
     assert set(cells["diet-s25-none"]["tasks"]) == {"arc_easy", "boolq", "rte", "piqa"}
     assert cells["dense"]["perplexity"]["texts"] == 256
@@ -43,7 +43,7 @@ def test_sweep_cells_table_plot_and_resume(tiny_dir, tmp_path, monkeypatch, caps
         raise AssertionError("a finished cell was recomputed")
 
     monkeypatch.setattr(dietprune.sweep, "_prune_and_evaluate", no_recompute)
-    monkeypatch.setattr(dietprune.sweep, "evaluate_model", no_recompute)
+    monkeypatch.setattr(dietprune.sweep, "evaluate", no_recompute)
     capsys.readouterr()
     assert main([*argv, "--json"]) == 0
     averages = json.loads(capsys.readouterr().out)
@@ -68,7 +68,7 @@ def test_a_method_that_does_not_apply_is_reported_not_cached(tiny_dir, tmp_path)
 
 def test_paired_difference_counts_the_same_examples():
     from dietprune.errors import DietError
-    from dietprune.sweep import paired_difference
+    from dietprune.metrics import paired_difference
 
     golds = {"a": {"0": 0, "1": 1, "2": 1, "3": 0}, "b": {"0": 1, "1": 1}}
     reference = {"tasks": {"a": {"ids": ["0", "1", "2", "3"], "preds": [0, 0, 0, 0]},  # 2 of 4 right
@@ -86,7 +86,7 @@ def test_paired_difference_counts_the_same_examples():
 
 def test_seed_mean_averages_correctness_per_example():
     from dietprune.errors import DietError
-    from dietprune.sweep import paired_difference, seed_mean
+    from dietprune.metrics import paired_difference, seed_mean
 
     golds = {"a": {"0": 0, "1": 1, "2": 1, "3": 0}}
     ids = ["0", "1", "2", "3"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dietprune.errors import DietError
-from dietprune.evaluate import predictions, stderr
+from dietprune.metrics import predictions, stderr
 from dietprune.tasks import DEFAULT_TASKS, TASKS, Example, load_examples, split_ids
 
 DOCS = {

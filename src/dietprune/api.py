@@ -1,252 +1,199 @@
-"""What the CLI and notebooks call: profile_tasks(), prune() and their settings.
+"""What the CLI and notebooks call: load, prune (in memory), save, evaluate, run.
 
-The data flows one way: load -> profile (per task, cached) -> merge -> slice -> save.
+The data flows one way: load -> profile (per task, cached) -> merge -> slice (-> recover) -> save ->
+evaluate -> report. `prune` takes a model name or an already loaded model (what a notebook holds), so
+`run` and `sweep` load the dense model once and every step reuses it:
+
+    import dietprune
+    pruned = dietprune.prune("gemma-3-270m", sparsity=0.3, recover="lsq")
+    dietprune.save(pruned, "out/p30")
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
+from transformers import PreTrainedModel
 
-import dietprune
-from dietprune import tasks as task_registry
+from dietprune.calibration import task_corpora
+from dietprune.device import compute_dtype
 from dietprune.errors import DietError
-from dietprune.io import atomic_dir, check_output_path
-from dietprune.merge import kept_width, merge, task_votes
-from dietprune.methods import (
-    STRUCTURAL_METHODS,
-    check_method,
-    generic_texts,
-    magnitude_scores,
-    random_scores,
-)
+from dietprune.evaluate import dtype_name, excluded_ids, perplexity
+from dietprune.evaluate import evaluate as evaluate_tasks
+from dietprune.io import atomic_dir, check_output_path, read_json, write_json_atomic
+from dietprune.merge import agreement, kept_width, kept_width_step, merge
+from dietprune.methods import Context, get_method
 from dietprune.models.adapters import adapter_for
-from dietprune.models.load import ModelSource, cache_root, load_config, load_model, resolve
-from dietprune.profile import ActivationStats, is_main_process, profile
-from dietprune.scores import load_scores, model_fingerprint, save_scores
-from dietprune.slice import kept_width_step, slice_model, sliced_param_count
+from dietprune.models.edit import count_params
+from dietprune.models.load import load_model
+from dietprune.profile import ActivationStats
+from dietprune.report import comparison_table
+from dietprune.scores import load_scores
+from dietprune.settings import (
+    CalibrationSettings,
+    EvalSettings,
+    PruneSettings,
+    RuntimeSettings,
+    Settings,
+    build,
+    route,
+)
+from dietprune.slice import slice_model, sliced_param_count
+from dietprune.version import __version__
 
-RECOVERIES = ("none", "lsq")
-
-
-@dataclass(frozen=True)
-class ProfileSettings:
-    """How calibration data is drawn and profiled. Calibration text = task prompt + gold answer."""
-
-    tasks: tuple[str, ...] = task_registry.DEFAULT_TASKS
-    samples: int = 100
-    seed: int = 0
-    site: str = "block_output"
-    max_length: int = 1024
-    batch_size: int = 8
-    data_source: str = "offline"
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    """How scores become a mask: sparsity -> K (a multiple of round_to and of the head count; round_to
-    None: chosen from the width, see `kept_width_step`)."""
-
-    sparsity: float = 0.2
-    round_to: int | None = None
-    method: str = "diet"  # see methods.py
-    merge: str = "vote"
-    merge_tasks: tuple[str, ...] = ()  # the profiled tasks whose scores are merged; () = all
-    aggregation: str = "l1"
-    recover: str = "none"  # "lsq": closed-form refit of the kept reader weights (recover.py)
-    recover_samples: int = 32  # per task: the first of the calibration samples
-    recover_alpha: float = 0.01
-    random_seed: int = 0  # the random method's ranking; not the calibration draw (ProfileSettings.seed)
+RECORD = "dietprune.json"
+FORMAT = "dietprune.model/2"
 
 
 @dataclass
-class PruneResult:
-    """What prune() did, as recorded in the output's dietprune.json."""
+class Loaded:
+    """A model with its tokenizer, where it came from, and the record of a model dietprune pruned."""
 
-    out: Path
-    record: dict = field(default_factory=dict)
-
-
-def calibration_texts(task: str, settings: ProfileSettings) -> tuple[list[str], list[str]]:
-    """(ids, texts) of the seeded calibration subset of `task`."""
-    examples = task_registry.load_examples(task, settings.data_source)
-    calib_ids, _ = task_registry.split_ids(examples, settings.samples, settings.seed)
-    by_id = {ex.id: ex for ex in examples}
-    return calib_ids, [by_id[i].calibration_text() for i in calib_ids]
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+    record: dict | None = None
 
 
-def profile_tasks(model, tokenizer, source: ModelSource, settings: ProfileSettings,
-                  use_cache: bool = True) -> tuple[dict[str, ActivationStats], dict]:
-    """Per-task activation stats of the tasks' calibration subsets, and their metadata."""
-    corpora = {task: calibration_texts(task, settings) for task in settings.tasks}
-    return profile_corpora(model, tokenizer, source, corpora, settings, use_cache)
+@dataclass
+class Pruned:
+    """A pruned model in memory and what was done to it (saved as dietprune.json)."""
 
-
-def profile_corpora(model, tokenizer, source: ModelSource, corpora: dict[str, tuple[list[str], list[str]]],
-                    settings: ProfileSettings, use_cache: bool = True
-                    ) -> tuple[dict[str, ActivationStats], dict]:
-    """Activation stats per named corpus of (ids, texts); finished corpora are cached and reused."""
-    adapter_for(model.config)
-    fingerprint = model_fingerprint(model)
-    stats, corpus_meta = {}, {}
-    for name, (ids, texts) in corpora.items():
-        key = _cache_key(fingerprint, name, ids, settings)
-        cached = cache_root() / "scores" / f"{key}.safetensors"
-        if use_cache and cached.is_file():
-            stats[name] = load_scores(cached)[0][name]
-        else:
-            stats[name] = profile(model, tokenizer, texts, settings.site, settings.batch_size,
-                                  settings.max_length, desc=f"profile {name}")
-            if is_main_process():
-                save_scores(cached, {name: stats[name]}, {"tasks": [name], "key": key})
-        corpus_meta[name] = {"ids": ids, "tokens": stats[name].tokens}
-    meta = {"model": source.name, "model_fingerprint": fingerprint,
-            "hidden_size": model.config.hidden_size, "settings": asdict(settings), "tasks": corpus_meta,
-            "versions": versions()}
-    return stats, meta
-
-
-def _cache_key(fingerprint: str, task: str, ids: list[str], settings: ProfileSettings) -> str:
-    parts = [fingerprint, task, ",".join(ids), settings.site, str(settings.max_length),
-             settings.data_source, dietprune.__version__]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    model: PreTrainedModel
+    tokenizer: object
+    record: dict
 
 
 def versions() -> dict[str, str]:
     """Library versions that determine the numbers."""
-    return {"dietprune": dietprune.__version__, "torch": torch.__version__,
+    return {"dietprune": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__}
 
 
-def prune(model_spec: str | None, out: Path, settings: PruneSettings = PruneSettings(),
-          profile_settings: ProfileSettings = ProfileSettings(), scores_path: Path | None = None,
-          overwrite: bool = False) -> PruneResult:
-    """Profile (or read scores), merge into one mask, slice, and save a standard HF checkpoint.
+def load(spec: str | None = None, runtime: RuntimeSettings | None = None) -> Loaded:
+    """Load a model directory, .gguf file, hub id or embedded name (default: the embedded Gemma-3 270M)."""
+    runtime = runtime or RuntimeSettings()
+    model, tokenizer, source = load_model(spec, dtype=compute_dtype(runtime.dtype))
+    return Loaded(model, tokenizer, source.name, read_record(Path(source.path)))
 
-    Structural baselines (shortgpt, wanda-sp, slicegpt) instead choose their own structure (layers,
-    heads and channels, rotated dims) at the parameter count the hidden-dimension slice at this
-    sparsity would have."""
+
+def read_record(model_dir: Path) -> dict | None:
+    """The dietprune.json of a pruned model directory, if there is one."""
+    path = model_dir / RECORD
+    return read_json(path, "record of a pruned model") if path.is_file() else None
+
+
+def profile(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *,
+            calibration: CalibrationSettings | None = None, runtime: RuntimeSettings | None = None,
+            **options) -> tuple[dict[str, ActivationStats], dict]:
+    """Per task, the activation statistics of its calibration samples, and the provenance a score file
+    records with them (model, fingerprint, settings, the sample ids)."""
+    calibration, runtime = settings_for(options, CalibrationSettings, RuntimeSettings,
+                                        given=(calibration, runtime), command="profile")
+    loaded = _loaded(model, tokenizer, runtime)
+    context = Context(loaded.model, loaded.tokenizer, calibration)
+    stats = context.task_stats()
+    meta = {"model": loaded.name, "model_fingerprint": context.fingerprint,
+            "hidden_size": loaded.model.config.hidden_size, "settings": calibration.to_dict(),
+            "tasks": context.used, "versions": versions()}
+    return stats, meta
+
+
+def _loaded(model: str | PreTrainedModel | Loaded | None, tokenizer, runtime: RuntimeSettings) -> Loaded:
+    if isinstance(model, Loaded):
+        return model
+    if isinstance(model, PreTrainedModel):
+        if tokenizer is None:
+            raise DietError("a loaded model needs its tokenizer: prune(model, tokenizer, ...)")
+        return Loaded(model.eval(), tokenizer, getattr(model.config, "_name_or_path", "") or "in-memory")
+    return load(model, runtime)
+
+
+def settings_for(options: dict, *groups: type[Settings], given: tuple[Settings | None, ...] = (),
+                 command: str = "prune") -> list[Settings]:
+    """Instances of `groups`: each from the given instance (or the defaults) with `options` (flat option
+    names, as in a config file) applied on top."""
+    routed = route(options, groups, command)
+    out = []
+    for group, instance in zip(groups, list(given) + [None] * (len(groups) - len(given)), strict=True):
+        base = instance.to_dict() if instance is not None else {}
+        out.append(build(group, base | routed[group]))
+    return out
+
+
+def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *,
+          settings: PruneSettings | None = None, calibration: CalibrationSettings | None = None,
+          runtime: RuntimeSettings | None = None, scores: Path | None = None, in_place: bool = False,
+          **options) -> Pruned:
+    """Prune `model` (a name, or a loaded model and its tokenizer) and return the smaller model.
+
+    A hidden-dim method (DIET by default) profiles or reads `scores`, merges them into one mask of
+    exactly K dims, slices, and optionally recovers; a structural method (shortgpt, wanda-sp,
+    slicegpt) chooses its own structure at the parameter count of that slice. `options` are flat option
+    names, as in a config file (`sparsity=0.3`). `in_place` lets pruning reuse the given model's memory
+    (the model given is destroyed); otherwise it stays as it was."""
     started = time.perf_counter()
-    check_method(settings.method)
-    if settings.recover not in RECOVERIES:
-        raise DietError(f"unknown recovery {settings.recover!r}; choose one of {', '.join(RECOVERIES)}")
-    structural = settings.method in STRUCTURAL_METHODS
-    if structural and (settings.recover != "none" or scores_path is not None):
-        raise DietError(f"{settings.method} chooses its own structure, not a mask of hidden dims: "
+    settings, calibration, runtime = settings_for(options, PruneSettings, CalibrationSettings,
+                                                  RuntimeSettings, given=(settings, calibration, runtime))
+    method = get_method(settings.method)
+    if method.kind == "structural" and (settings.recover != "none" or scores is not None):
+        raise DietError(f"{method.name} chooses its own structure, not a mask of hidden dims: "
                         "--recover and --scores do not apply")
-    local = Path(model_spec).expanduser() if model_spec else None
-    check_output_path(out, overwrite, protected=(local,) if local and local.exists() else ())
-    source = resolve(model_spec)
-    config = load_config(source)
+    loaded = _loaded(model, tokenizer, runtime)
+    dense = loaded.model
+    config = dense.config
     adapter_for(config)
     d = config.hidden_size
     step = kept_width_step(config, settings.round_to)
     k = kept_width(d, settings.sparsity, step)
-    scores = load_scores(scores_path) if scores_path is not None else None
-    if scores is not None and scores[1].get("hidden_size") != d:
-        raise DietError(f"{scores_path} was profiled on a model of width {scores[1].get('hidden_size')}, "
+    score_file = load_scores(scores) if scores is not None else None
+    if score_file is not None and score_file[1].get("hidden_size") != d:
+        raise DietError(f"{scores} was profiled on a model of width {score_file[1].get('hidden_size')}, "
                         f"not {d}; profile this model")
-    model, tokenizer, source = load_model(model_spec)
-    params_before = sum(p.numel() for p in model.parameters())
-    if structural:
-        pruned, details = _prune_structure(model, tokenizer, k, settings, profile_settings)
+    context = Context(dense, loaded.tokenizer, calibration)
+    params_before = count_params(dense)
+    record = {"format": FORMAT, "source_model": loaded.name, "hidden_size_before": d,
+              "params_before": params_before,
+              "settings": calibration.to_dict() | settings.to_dict() | runtime.to_dict(),
+              "kept_width_step": step}
+    if method.kind == "structural":
+        target = sliced_param_count(dense, k)
+        source = dense if in_place or not method.consumes else copy.deepcopy(dense)
+        pruned, structure = method.build(source, loaded.tokenizer, context.task_texts(), target,
+                                         calibration.batch_size, calibration.max_length)
+        record |= {"kept_dims": list(range(pruned.config.hidden_size)), "structure": structure}
     else:
-        pruned, details = _prune_hidden(model, tokenizer, source, k, settings, profile_settings, scores)
-    del model
-    record = {
-        "format": "dietprune.model/1",
-        "source_model": source.name,
-        "hidden_size_before": d,
-        "hidden_size_after": pruned.config.hidden_size,
-        "params_before": params_before,
-        "params_after": sum(p.numel() for p in pruned.parameters()),
-        "prune": asdict(settings),
-        "kept_width_step": step,
-    } | details
-    with atomic_dir(out) as tmp:
-        pruned.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        record["seconds"] = round(time.perf_counter() - started, 1)
-        (tmp / "dietprune.json").write_text(json.dumps(record, indent=2) + "\n")
-    return PruneResult(out, record)
+        if score_file is not None:
+            stats, meta = score_file
+            context.used |= meta.get("tasks", {})
+        else:
+            stats = method.scores(context, settings)
+        keep, agreement_by_task = choose_dims(stats, k, settings)
+        # recovery needs the dense model beside the sliced one; otherwise slice in the dense model's memory
+        pruned = slice_model(dense, keep, in_place=in_place and settings.recover == "none")
+        record |= {"kept_dims": keep.tolist(), "task_agreement": agreement_by_task}
+        if settings.recover == "lsq":
+            record["recovery"] = _recover(dense, pruned, context, settings)
+    record |= {"hidden_size_after": pruned.config.hidden_size, "params_after": count_params(pruned),
+               "calibration": context.used, "versions": versions(),
+               "seconds": round(time.perf_counter() - started, 1)}
+    return Pruned(pruned, loaded.tokenizer, record)
 
 
-def _prune_hidden(model, tokenizer, source: ModelSource, k: int, settings: PruneSettings,
-                  profile_settings: ProfileSettings, scores: tuple | None) -> tuple:
-    """Scores -> one mask of k dims -> the sliced (and optionally recovered) model, and its record."""
-    keep, names, matrix, meta = choose_dims(model, tokenizer, source, k, settings, profile_settings, scores)
-    # recovery needs the dense model beside the sliced one; otherwise slice in the dense model's memory
-    sliced = slice_model(model, keep, in_place=settings.recover == "none")
-    recovery = None
-    if settings.recover == "lsq":
-        recovery = _recover(model, sliced, tokenizer, profile_settings, settings)
-    return sliced, {"kept_dims": keep.tolist(), "profile": meta,
-                    "task_agreement": agreement(matrix, keep, names), "recovery": recovery}
-
-
-def choose_dims(model, tokenizer, source: ModelSource, k: int, settings: PruneSettings,
-                profile_settings: ProfileSettings, scores: tuple | None = None) -> tuple:
-    """The k kept hidden dims of a hidden-dim method: (keep, merged source names, their (sources, d)
-    scores, profile metadata). `scores`: (stats, meta) read from a file instead of profiling."""
-    stats, meta = scores or method_stats(settings, model, tokenizer, source, profile_settings)
+def choose_dims(stats: dict[str, ActivationStats], k: int, settings: PruneSettings
+                ) -> tuple[torch.Tensor, dict[str, int]]:
+    """The k hidden dims a hidden-dim method keeps, from its per-source stats, and how many of each
+    merged source's own top-k they are."""
     names = _merged_names(list(stats), settings.merge_tasks)
     matrix = torch.stack([stats[name].score(settings.aggregation) for name in names])
-    return merge(matrix, k, settings.merge), names, matrix, meta
-
-
-def _prune_structure(model, tokenizer, k: int, settings: PruneSettings, profile_settings: ProfileSettings
-                     ) -> tuple:
-    """A structural baseline on the tasks' calibration samples, to the hidden-dim slice's size."""
-    from dietprune import rotate, structural
-
-    corpora = {task: calibration_texts(task, profile_settings) for task in profile_settings.tasks}
-    texts = [text for _, task_texts in corpora.values() for text in task_texts]
-    target = sliced_param_count(model, k)
-    method = {"shortgpt": structural.shortgpt, "wanda-sp": structural.wanda_sp,
-              "slicegpt": rotate.slicegpt}[settings.method]
-    pruned, structure = method(model, tokenizer, texts, target, profile_settings.batch_size,
-                               profile_settings.max_length)
-    meta = {"settings": asdict(profile_settings), "versions": versions(),
-            "tasks": {task: {"ids": ids} for task, (ids, _) in corpora.items()}}
-    return pruned, {"kept_dims": list(range(pruned.config.hidden_size)), "profile": meta,
-                    "structure": structure, "recovery": None}
-
-
-def method_stats(settings: PruneSettings, model, tokenizer, source: ModelSource,
-                 profile_settings: ProfileSettings) -> tuple[dict[str, ActivationStats], dict]:
-    """Per source (a task, a corpus, or the data-free method itself), the stats its scores come from."""
-    method, aggregation = settings.method, settings.aggregation
-    if method in ("diet", "relative", "act-weight"):
-        stats, meta = profile_tasks(model, tokenizer, source, profile_settings)
-        if method == "diet":
-            return stats, meta
-        if method == "relative":
-            generic, generic_meta = _generic_stats(model, tokenizer, source, profile_settings)
-            meta["tasks"] |= generic_meta["tasks"]
-            divisor = generic["lambada"].score(aggregation)
-        else:
-            divisor = 1 / magnitude_scores(model)
-        return {t: ActivationStats.fixed(s.score(aggregation) / divisor) for t, s in stats.items()}, meta
-    if method == "agnostic":
-        return _generic_stats(model, tokenizer, source, profile_settings)
-    meta = {"model": source.name, "hidden_size": model.config.hidden_size, "versions": versions()}
-    if method == "magnitude":
-        return {"magnitude": ActivationStats.fixed(magnitude_scores(model))}, meta
-    scores = random_scores(model.config.hidden_size, settings.random_seed)
-    return {"random": ActivationStats.fixed(scores)}, meta
-
-
-def _generic_stats(model, tokenizer, source: ModelSource, profile_settings: ProfileSettings
-                   ) -> tuple[dict[str, ActivationStats], dict]:
-    """Stats on generic text: as many LAMBADA passages as all tasks' calibration samples together."""
-    corpus = generic_texts(profile_settings.samples * len(profile_settings.tasks))
-    return profile_corpora(model, tokenizer, source, {"lambada": corpus}, profile_settings)
+    keep = merge(matrix, k, settings.merge)
+    return keep, agreement(matrix, keep, names)
 
 
 def _merged_names(names: list[str], merge_tasks: tuple[str, ...]) -> list[str]:
@@ -259,90 +206,94 @@ def _merged_names(names: list[str], merge_tasks: tuple[str, ...]) -> list[str]:
     return [n for n in names if n in merge_tasks]
 
 
-def _recover(dense, sliced, tokenizer, profile_settings: ProfileSettings, settings: PruneSettings) -> dict:
+def _recover(dense, sliced, context: Context, settings: PruneSettings) -> dict:
     """Refit the sliced model's readers on the first calibration samples of each task; record them."""
     from dietprune.recover import recover
 
     started = time.perf_counter()
-    ids, texts = {}, []
-    for task in profile_settings.tasks:
-        task_ids, task_texts = calibration_texts(task, profile_settings)
-        ids[task] = task_ids[:settings.recover_samples]
-        texts += task_texts[:settings.recover_samples]
-    recover(dense, sliced, tokenizer, texts, settings.recover_alpha, profile_settings.batch_size,
-            profile_settings.max_length)
-    seconds = round(time.perf_counter() - started, 1)
-    return {"method": "lsq", "alpha": settings.recover_alpha, "seconds": seconds,
-            "tasks": {task: {"ids": task_ids} for task, task_ids in ids.items()}}
+    corpora = [corpus.head(settings.recover_samples) for corpus in task_corpora(context.settings)]
+    for corpus in corpora:  # usually a prefix of the profiled samples; not for data-free methods
+        used = context.used.setdefault(corpus.name, {"ids": []})
+        used["ids"] += [i for i in corpus.ids if i not in used["ids"]]
+    texts = [text for corpus in corpora for text in corpus.texts]
+    recover(dense, sliced, context.tokenizer, texts, settings.recover_alpha, context.settings.batch_size,
+            context.settings.max_length)
+    return {"method": "lsq", "alpha": settings.recover_alpha,
+            "seconds": round(time.perf_counter() - started, 1),
+            "tasks": {corpus.name: {"ids": list(corpus.ids)} for corpus in corpora}}
 
 
-def agreement(scores: torch.Tensor, keep: torch.Tensor, task_names: list[str]) -> dict[str, int]:
-    """For each task, how many of its own top-K dims the global mask keeps."""
-    votes = task_votes(scores, len(keep))
-    return {t: int(votes[i, keep].sum()) for i, t in enumerate(task_names)}
+def save(pruned: Pruned, out: str | Path, overwrite: bool = False, protected: tuple[Path, ...] = ()) -> Path:
+    """Write the pruned model as a standard Hugging Face checkpoint with its dietprune.json, atomically."""
+    out = Path(out)
+    check_output_path(out, overwrite, protected)
+    with atomic_dir(out) as tmp:
+        _write_checkpoint(pruned, tmp)
+    return out
 
 
-def calibration_ids(model_path: str, settings: ProfileSettings) -> dict[str, set[str]]:
-    """Ids evaluation must skip: those a pruned model records, plus the default calibration subsets
-    (so a dense model and its pruned versions are evaluated on the same examples)."""
-    path = Path(model_path) / "dietprune.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    ids: dict[str, set[str]] = {}
-    for part in (record.get("profile"), record.get("recovery")):
-        for task, meta in (part or {}).get("tasks", {}).items():
-            ids.setdefault(task, set()).update(meta["ids"])
-    for task in settings.tasks:
-        ids.setdefault(task, set()).update(calibration_texts(task, settings)[0])
-    return ids
+def _write_checkpoint(pruned: Pruned, directory: Path) -> None:
+    pruned.model.save_pretrained(directory)
+    pruned.tokenizer.save_pretrained(directory)
+    (directory / RECORD).write_text(json.dumps(pruned.record, indent=2) + "\n")
 
 
-def evaluate_model(model_spec: str | None, tasks: tuple[str, ...], limit: int | None,
-                   profile_settings: ProfileSettings = ProfileSettings(), batch_size: int = 64,
-                   dtype: torch.dtype | None = None, backend: str = "dietprune",
-                   with_perplexity: bool = True) -> dict:
-    """Zero-shot accuracy of a model on `tasks`, never on its calibration examples, and (our backend)
-    perplexity on held-out generic text.
+def evaluate(model: str | PreTrainedModel | Loaded | Pruned | None = None, tokenizer=None, *,
+             settings: EvalSettings | None = None, calibration: CalibrationSettings | None = None,
+             runtime: RuntimeSettings | None = None, **options) -> dict:
+    """Zero-shot accuracy on the calibration tasks and the held-out ones, never on calibration examples
+    (those a pruned model records, and the default subsets), plus perplexity on held-out text.
 
-    backend "dietprune" is our fast evaluator; "lm-eval" runs lm-evaluation-harness on the same examples.
-    `dtype` (default float32) is the dtype the model is loaded in, for both backends.
-    """
-    model, tokenizer, source = load_model(model_spec, dtype=dtype or torch.float32)
-    exclude = calibration_ids(source.path, profile_settings)
-    if backend == "lm-eval":
+    backend "dietprune" is our fast evaluator; "lm-eval" runs lm-evaluation-harness on the same examples."""
+    settings, calibration, runtime = settings_for(options, EvalSettings, CalibrationSettings, RuntimeSettings,
+                                                  given=(settings, calibration, runtime), command="eval")
+    if isinstance(model, Pruned):
+        model = Loaded(model.model, model.tokenizer, "pruned", model.record)
+    loaded = _loaded(model, tokenizer, runtime)
+    tasks = tuple(calibration.tasks) + tuple(t for t in settings.heldout if t not in calibration.tasks)
+    exclude = excluded_ids(loaded.record, calibration)
+    source = calibration.data_source
+    if settings.backend == "lm-eval":
         from dietprune.lm_eval_bridge import evaluate_lm_eval
 
-        results = evaluate_lm_eval(model, tokenizer, tasks, limit, exclude,  # its own batch size:
-                                   source=profile_settings.data_source)  # it scores full-vocab logits
+        results = evaluate_lm_eval(loaded.model, loaded.tokenizer, tasks, settings.limit, exclude,
+                                   source=source)  # its own batch size: it scores full-vocab logits
     else:
-        from dietprune.evaluate import evaluate, perplexity
-
-        results = evaluate(model, tokenizer, list(tasks), limit, exclude, batch_size,
-                           source=profile_settings.data_source)
-        if with_perplexity:
-            results["perplexity"] = perplexity(model, tokenizer, progress=True)
+        results = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, settings.limit, exclude,
+                                 settings.eval_batch_size, source=source)
+        if settings.perplexity:
+            results["perplexity"] = perplexity(loaded.model, loaded.tokenizer, progress=True)
     for task, result in results["tasks"].items():
         if set(result["ids"]) & exclude.get(task, set()):
             raise DietError(f"{task}: evaluation examples overlap the calibration examples")
-    results["model"] = source.name
+    results["model"] = loaded.name
+    results["heldout"] = [t for t in tasks if t not in calibration.tasks]
     return results
 
 
-def run(model_spec: str | None, out: Path, settings: PruneSettings = PruneSettings(),
-        profile_settings: ProfileSettings = ProfileSettings(), heldout: tuple[str, ...] = ("piqa",),
-        limit: int | None = 100, dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
-    """The main job: prune, evaluate dense and pruned on the profiled and held-out tasks, report."""
-    from dietprune.report import comparison_table
-
-    check_output_path(out, overwrite)
-    tasks = tuple(profile_settings.tasks) + tuple(t for t in heldout if t not in profile_settings.tasks)
+def run(model: str | None, out: Path, prune_settings: PruneSettings | None = None,
+        calibration: CalibrationSettings | None = None, eval_settings: EvalSettings | None = None,
+        runtime: RuntimeSettings | None = None, overwrite: bool = False) -> dict:
+    """The main job: evaluate the dense model, prune it (in its own memory when nothing needs the dense
+    weights afterwards), evaluate the pruned model on the same examples, and write the checkpoint and
+    a report under `out`."""
+    prune_settings = prune_settings or PruneSettings()
+    calibration, eval_settings = calibration or CalibrationSettings(), eval_settings or EvalSettings()
+    runtime = runtime or RuntimeSettings()
+    local = Path(model).expanduser() if model else None
+    check_output_path(out, overwrite, protected=(local,) if local and local.exists() else ())
+    loaded = load(model, runtime)
+    dense_results = evaluate(loaded, settings=eval_settings, calibration=calibration)
+    pruned = prune(loaded, settings=prune_settings, calibration=calibration, runtime=runtime, in_place=True)
+    del loaded
+    pruned_results = evaluate(pruned, settings=eval_settings, calibration=calibration)
+    pruned_results["model"] = str(out / "pruned")
+    summary = {"prune": {k: v for k, v in pruned.record.items() if k != "kept_dims"},
+               "dense": dense_results, "pruned": pruned_results, "heldout": list(eval_settings.heldout),
+               "dtype": dtype_name(next(pruned.model.parameters()).dtype)}
+    table = comparison_table(dense_results, pruned_results, tuple(eval_settings.heldout))
     with atomic_dir(out) as tmp:
-        pruned = prune(model_spec, tmp / "pruned", settings, profile_settings)
-        dense_results = evaluate_model(model_spec, tasks, limit, profile_settings, dtype=dtype)
-        pruned_results = evaluate_model(str(tmp / "pruned"), tasks, limit, profile_settings, dtype=dtype)
-        pruned_results["model"] = str(out / "pruned")
-        summary = {"prune": {k: v for k, v in pruned.record.items() if k != "kept_dims"},
-                   "dense": dense_results, "pruned": pruned_results, "heldout": list(heldout)}
-        table = comparison_table(dense_results, pruned_results, heldout)
-        (tmp / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_checkpoint(pruned, tmp / "pruned")
+        write_json_atomic(tmp / "report.json", summary)
         (tmp / "report.md").write_text(table + "\n")
     return summary | {"table": table}

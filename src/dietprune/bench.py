@@ -18,6 +18,12 @@ import time
 import torch
 from torch import nn
 
+from dietprune.device import compute_dtype
+from dietprune.errors import DietError
+from dietprune.evaluate import dtype_name
+from dietprune.models.edit import count_params, head_dim
+from dietprune.models.load import resolve
+
 PROMPT = 512
 NEW_TOKENS = 128
 SPEEDUP_METRICS = {  # throughput -> the FLOPs per token its ideal speedup is the ratio of
@@ -34,8 +40,7 @@ def matmul_flops_per_token(model: nn.Module, context: int, with_head: bool) -> f
     if with_head:
         linear += head.weight.numel()
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim(config) * context
     return 2 * linear + attention
 
 
@@ -50,16 +55,16 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def measure(path: str, repeats: int = 3, dtype: str = "float32") -> dict:
+def measure(path: str, repeats: int = 3, dtype: str = "auto") -> dict:
     """Throughputs and peak RSS of one model (run in a fresh process)."""
     from dietprune.models.load import load_model
 
-    model, _, _ = load_model(path, dtype=getattr(torch, dtype))
+    model, _, _ = load_model(path, dtype=compute_dtype(dtype))
     vocab = model.config.vocab_size
     ids = {b: torch.randint(10, vocab, (b, PROMPT), generator=torch.Generator().manual_seed(b))
            for b in (1, 8)}
-    result = {"model": path, "dtype": dtype, "hidden_size": model.config.hidden_size,
-              "params": sum(p.numel() for p in model.parameters())}
+    result = {"model": path, "dtype": dtype_name(model.dtype), "hidden_size": model.config.hidden_size,
+              "params": count_params(model)}
     for batch, x in ids.items():
         seconds = _median_seconds(lambda x=x: model(x, logits_to_keep=1, use_cache=False), repeats)
         result[f"prefill_b{batch}_tok_s"] = batch * PROMPT / seconds
@@ -76,10 +81,14 @@ def measure(path: str, repeats: int = 3, dtype: str = "float32") -> dict:
     return result
 
 
-def measure_in_subprocess(path: str, repeats: int = 3, dtype: str = "float32") -> dict:
+def measure_in_subprocess(path: str, repeats: int = 3, dtype: str = "auto") -> dict:
     """`measure` in a fresh Python process, so that its peak RSS is this model's alone."""
+    resolve(path)  # a missing or foreign model is refused here, in one line
     out = subprocess.run([sys.executable, "-m", "dietprune.bench", path, str(repeats), dtype],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DietError(f"measuring {path} failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -92,7 +101,7 @@ def speedups(dense: dict, pruned: dict) -> dict:
     return result
 
 
-def bench(dense: str, pruned: str, repeats: int = 3, dtype: str = "float32") -> dict:
+def bench(dense: str, pruned: str, repeats: int = 3, dtype: str = "auto") -> dict:
     """Measure both models in subprocesses; speedups measured, ideal (FLOP ratio) and their quotient."""
     d, p = measure_in_subprocess(dense, repeats, dtype), measure_in_subprocess(pruned, repeats, dtype)
     return {"dense": d, "pruned": p, "speedup": speedups(d, p), "torch_threads": torch.get_num_threads()}

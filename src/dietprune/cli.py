@@ -1,4 +1,9 @@
-"""The `diet` command: a thin front over dietprune.api."""
+"""The `diet` command: a thin front over dietprune.api, its options generated from dietprune.settings.
+
+Each subcommand declares the settings groups it takes; every field of those groups becomes a flag with
+the field's help, default and allowed values. Values come from the defaults, then `--config FILE`, then
+the flags given. Any bad value, here or in the file, is one `diet: error:` line and exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +11,93 @@ import argparse
 import json
 import logging
 import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
 from dietprune import progress
 from dietprune.errors import DietError
+from dietprune.methods import REGISTRIES, check_name
+from dietprune.settings import (
+    BenchSettings,
+    CalibrationSettings,
+    EvalSettings,
+    InspectSettings,
+    PruneSettings,
+    RuntimeSettings,
+    Settings,
+    SweepSettings,
+    build,
+    domain,
+    element_type,
+    flag,
+    read_config,
+)
 
 
-def _add_profile_options(parser: argparse.ArgumentParser) -> None:
-    from dietprune.profile import SITES
-    from dietprune.tasks import DEFAULT_TASKS
-
-    group = parser.add_argument_group("profiling")
-    group.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="tasks to profile")
-    group.add_argument("--samples", type=int, default=100, help="calibration samples per task")
-    group.add_argument("--seed", type=int, default=0, help="seed of the calibration subsets")
-    group.add_argument("--site", choices=SITES, default="block_output", help="activation site")
-    group.add_argument("--batch-size", type=int, default=8)
-    group.add_argument("--max-length", type=int, default=1024, help="tokens per calibration text")
-    group.add_argument("--data-source", choices=("offline", "hub"), default="offline")
+class UsageError(DietError):
+    """A command line argparse cannot parse."""
 
 
-def _profile_settings(args: argparse.Namespace):
-    from dietprune.api import ProfileSettings
+class Parser(argparse.ArgumentParser):
+    """argparse with our error discipline: one line, exit code 2, through `main`."""
 
-    return ProfileSettings(tasks=tuple(args.tasks), samples=args.samples, seed=args.seed, site=args.site,
-                           max_length=args.max_length, batch_size=args.batch_size,
-                           data_source=args.data_source)
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(message)
 
 
-def cmd_profile(args: argparse.Namespace) -> None:
-    from dietprune.api import profile_tasks
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the settings groups it takes (all their fields but `skip`, or only `only`), its
+    model argument ("option", "positional" or none) and its default output (None: --out is optional)."""
+
+    help: str
+    run: Callable
+    groups: tuple[type[Settings], ...]
+    out: str | None = None
+    model: str | None = "option"
+    skip: tuple[str, ...] = ()
+    only: tuple[str, ...] | None = None
+
+    def options(self) -> dict[str, type[Settings]]:
+        """Option name -> its group, for every option this command takes."""
+        return {f.name: group for group in self.groups for f in fields(group)
+                if f.name not in self.skip and (self.only is None or f.name in self.only)}
+
+
+def _settings(command: Command, args: argparse.Namespace) -> dict[type[Settings], Settings]:
+    """Each group's settings: defaults, then the --config file, then the flags given; names that
+    belong to a registry are checked here too, before anything runs."""
+    options = command.options()
+    values = read_config(args.config) if args.config else {}
+    for name in values:
+        if name not in options:
+            raise DietError(f"config {args.config}: option {name!r} does not apply to diet {args.command}; "
+                            f"it takes {', '.join(options)}")
+    values |= {name: getattr(args, name) for name in options if hasattr(args, name)}
+    settings = {group: build(group, {n: v for n, v in values.items() if options[n] is group})
+                for group in command.groups}
+    for group, instance in settings.items():
+        for f in fields(group):
+            if f.metadata["registry"] and f.name in options:
+                value = getattr(instance, f.name)
+                for name in value if isinstance(value, tuple) else (value,):
+                    check_name(f.metadata["registry"], name, flag(f.name))
+    return settings
+
+
+def cmd_profile(args, settings) -> None:
+    from dietprune.api import profile
+    from dietprune.calibration import is_main_process
     from dietprune.io import check_output_path
-    from dietprune.models.load import load_model
-    from dietprune.profile import is_main_process
     from dietprune.scores import save_scores
 
     check_output_path(args.out, args.overwrite)
-    model, tokenizer, source = load_model(args.model)
-    stats, meta = profile_tasks(model, tokenizer, source, _profile_settings(args))
+    stats, meta = profile(args.model, calibration=settings[CalibrationSettings],
+                          runtime=settings[RuntimeSettings])
     if not is_main_process():
         return
     save_scores(args.out, stats, meta)
@@ -54,69 +106,30 @@ def cmd_profile(args: argparse.Namespace) -> None:
           f"wrote {args.out}: {len(stats)} tasks, {sum(tokens.values())} tokens")
 
 
-def _prune_settings(args: argparse.Namespace):
-    from dietprune.api import PruneSettings
+def cmd_prune(args, settings) -> None:
+    from dietprune.api import prune, save
+    from dietprune.io import check_output_path
+    from dietprune.report import prune_summary, prune_summary_text
 
-    per_cell = {k: getattr(args, k) for k in ("sparsity", "method", "merge", "recover") if hasattr(args, k)}
-    if hasattr(args, "merge_tasks"):
-        per_cell["merge_tasks"] = tuple(args.merge_tasks)
-    return PruneSettings(round_to=args.round_to, aggregation=args.aggregation,
-                         recover_samples=args.recover_samples, random_seed=args.random_seed, **per_cell)
-
-
-def cmd_prune(args: argparse.Namespace) -> None:
-    from dietprune.api import prune
-
-    settings = _prune_settings(args)
-    result = prune(args.model, args.out, settings, _profile_settings(args), args.scores, args.overwrite)
-    print(json.dumps(_summary(result.record), indent=2) if args.json else _summary_text(result.record))
+    local = Path(args.model).expanduser() if args.model else None
+    protected = (local,) if local and local.exists() else ()
+    check_output_path(args.out, args.overwrite, protected)
+    pruned = prune(args.model, settings=settings[PruneSettings], calibration=settings[CalibrationSettings],
+                   runtime=settings[RuntimeSettings], scores=args.scores, in_place=True)
+    save(pruned, args.out, args.overwrite, protected)
+    record = pruned.record
+    print(json.dumps(prune_summary(record), indent=2) if args.json else prune_summary_text(record))
 
 
-def _summary(record: dict) -> dict:
-    keys = ("source_model", "hidden_size_before", "hidden_size_after", "params_before", "params_after",
-            "task_agreement", "seconds")
-    return {key: record[key] for key in keys if key in record}
-
-
-def _summary_text(record: dict) -> str:
-    k, d = record["hidden_size_after"], record["hidden_size_before"]
-    before, after = record["params_before"], record["params_after"]
-    lines = [f"pruned {record['source_model']}: hidden {d} -> {k} ({1 - k / d:.1%} of dims removed)",
-             f"params {before:,} -> {after:,} ({1 - after / before:.1%} fewer)"]
-    if "task_agreement" in record:
-        lines.append(f"per-task agreement (own top-{k} dims kept by the global mask):")
-        lines += [f"  {task:<14} {n:>5} / {k}" for task, n in record["task_agreement"].items()]
-    if "structure" in record:
-        structure = {key: value for key, value in record["structure"].items()
-                     if key.endswith(("_after", "_layers")) and key != "kept_layers"}
-        lines.append(f"{record['structure']['method']}: {json.dumps(structure)}")
-    lines.append(f"done in {record['seconds']} s")
-    return "\n".join(lines)
-
-
-def _round_to(value: str) -> int | None:
-    if value == "auto":
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
-    return int(value)
-
-
-def _dtype(name: str):
-    import torch
-
-    return None if name == "float32" else getattr(torch, name)
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from dietprune.api import evaluate_model
-    from dietprune.evaluate import markdown_table
+def cmd_eval(args, settings) -> None:
+    from dietprune.api import evaluate
     from dietprune.io import check_output_path, write_json_atomic
+    from dietprune.report import markdown_table
 
     if args.out:
         check_output_path(args.out, args.overwrite)
-    results = evaluate_model(args.model, tuple(args.tasks), args.limit, _profile_settings(args),
-                             args.eval_batch_size, _dtype(args.dtype), args.backend, args.perplexity)
+    results = evaluate(args.model, settings=settings[EvalSettings], calibration=settings[CalibrationSettings],
+                       runtime=settings[RuntimeSettings])
     table = markdown_table(results)
     if args.out:
         write_json_atomic(args.out, results)
@@ -124,174 +137,164 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(results["average"]) if args.json else table)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_run(args, settings) -> None:
     from dietprune.api import run
+    from dietprune.report import prune_summary, prune_summary_text
 
-    settings = _prune_settings(args)
-    summary = run(args.model, args.out, settings, _profile_settings(args), tuple(args.heldout), args.limit,
-                  _dtype(args.dtype), args.overwrite)
+    summary = run(args.model, args.out, settings[PruneSettings], settings[CalibrationSettings],
+                  settings[EvalSettings], settings[RuntimeSettings], args.overwrite)
     if args.json:
         averages = {name: summary[name]["average"] for name in ("dense", "pruned")}
-        print(json.dumps(_summary(summary["prune"]) | {"average": averages, "report": str(args.out)}))
+        print(json.dumps(prune_summary(summary["prune"]) | {"average": averages, "report": str(args.out)}))
         return
-    print(_summary_text(summary["prune"]))
+    print(prune_summary_text(summary["prune"]))
     print(summary["table"])
     print(f"report: {args.out / 'report.md'} and report.json; pruned model: {args.out / 'pruned'}")
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_sweep(args, settings) -> None:
     from dietprune.sweep import sweep
 
-    results = sweep(args.model, args.out, args.methods, args.sparsities, args.recover_modes,
-                    _prune_settings(args), _profile_settings(args), tuple(args.heldout), args.limit,
-                    _dtype(args.dtype), fresh=args.overwrite)
+    results = sweep(args.model, args.out, settings[SweepSettings], settings[PruneSettings],
+                    settings[CalibrationSettings], settings[EvalSettings], settings[RuntimeSettings],
+                    fresh=args.overwrite)
     if args.json:
-        print(json.dumps({name: cell["average"] for name, cell in results["cells"].items()}))
+        print(json.dumps({name: cell["average"] for name, cell in results["cells"].items()
+                          if "average" in cell}))
         return
     print((args.out / "results.md").read_text())
     print(f"{len(results['cells'])} cells in {args.out}/cells; results.json, results.md, accuracy.png")
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
+def cmd_bench(args, settings) -> None:
     from dietprune.bench import bench, table
-    from dietprune.io import write_json_atomic
+    from dietprune.io import check_output_path, write_json_atomic
 
-    result = bench(args.dense, args.pruned, args.repeats, args.dtype)
+    if args.out:
+        check_output_path(args.out, args.overwrite)
+    result = bench(args.dense, args.pruned, settings[BenchSettings].repeats, settings[RuntimeSettings].dtype)
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps(result["speedup"], indent=2) if args.json else table(result))
 
 
-def cmd_inspect(args: argparse.Namespace) -> None:
+def cmd_inspect(args, settings) -> None:
     from dietprune.inspection import inspect_model, inspect_scores, plot_scores, render
 
+    aggregation = settings[PruneSettings].aggregation
     if args.path.is_dir():
         report = inspect_model(args.path)
     else:
-        report = inspect_scores(args.path, args.k, args.aggregation)
+        report = inspect_scores(args.path, settings[InspectSettings].k, aggregation)
         if args.plot:
-            plot_scores(args.path, args.plot, args.aggregation)
+            plot_scores(args.path, args.plot, aggregation)
     print(json.dumps(report, indent=2) if args.json else render(report))
 
 
-def _add_prune_options(parser: argparse.ArgumentParser, per_cell: bool = False) -> None:
-    """Pruning flags; a sweep sets sparsity, method, merge and recovery per cell instead."""
-    from dietprune.api import RECOVERIES
-    from dietprune.merge import MERGES
-    from dietprune.methods import METHODS
-    from dietprune.profile import AGGREGATIONS
-
-    group = parser.add_argument_group("pruning")
-    if not per_cell:
-        group.add_argument("--sparsity", type=float, default=0.2, help="fraction of hidden dims to remove")
-        group.add_argument("--method", choices=METHODS, default="diet", help="how dims are scored")
-        group.add_argument("--merge", choices=MERGES, default="vote", help="how per-task scores combine")
-        group.add_argument("--merge-tasks", nargs="+", default=[], metavar="TASK",
-                           help="merge only these profiled tasks' scores (one task: its own mask)")
-        group.add_argument("--recover", choices=RECOVERIES, default="none",
-                           help="lsq: refit kept reader weights in closed form (no training)")
-    group.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
-                       help="K is a multiple of N and of the head count (default auto: the largest "
-                            "of 64..1 whose step is <= width/64)")
-    group.add_argument("--aggregation", choices=AGGREGATIONS, default="l1")
-    group.add_argument("--random-seed", type=int, default=0,
-                       help="seed of --method random's ranking (--seed draws the calibration samples)")
-    group.add_argument("--recover-samples", type=int, default=32, help="per task, from the calibration set")
+PER_CELL = tuple(f.metadata["per_cell"] for f in fields(SweepSettings))
+CALIBRATE = (CalibrationSettings, RuntimeSettings)
+COMMANDS: dict[str, Command] = {
+    "profile": Command("score hidden dimensions per task", cmd_profile, CALIBRATE, out="scores.safetensors"),
+    "prune": Command("profile, merge into one mask, slice, save a HF checkpoint", cmd_prune,
+                     (PruneSettings, *CALIBRATE), out="out/pruned"),
+    "eval": Command("zero-shot accuracy on the tasks and the held-out ones (never on calibration examples)",
+                    cmd_eval, (EvalSettings, *CALIBRATE), model="positional"),
+    "run": Command("the main job: prune, evaluate dense and pruned, report", cmd_run,
+                   (PruneSettings, EvalSettings, *CALIBRATE), out="out/run"),
+    "sweep": Command("methods x sparsities x recovery -> table and plot (resumable)", cmd_sweep,
+                     (SweepSettings, PruneSettings, EvalSettings, *CALIBRATE), out="out/sweep",
+                     skip=PER_CELL),
+    "bench": Command("prefill/decode throughput and memory: dense vs pruned", cmd_bench,
+                     (BenchSettings, RuntimeSettings), model=None),
+    "inspect": Command("summarise a score file or a pruned model", cmd_inspect,
+                       (InspectSettings, PruneSettings), model=None, only=("k", "aggregation")),
+}
 
 
-def _add_eval_options(parser: argparse.ArgumentParser, limit: int | None) -> None:
-    group = parser.add_argument_group("evaluation")
-    group.add_argument("--limit", type=int, default=limit, help="examples per task (after exclusions)")
-    group.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    group.add_argument("--eval-batch-size", type=int, default=64, help="rows per forward pass (ours)")
+def parse_value(f, hint, value: str):
+    """One command-line word as a value of field `f` (an element, for a tuple field)."""
+    if value == f.metadata["none"]:
+        return None
+    element = element_type(hint)
+    try:
+        return element(value) if element in (int, float) else value
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {domain(f, element)}, got {value!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from dietprune.api import RECOVERIES
-    from dietprune.sweep import DEFAULT_VARIANTS, VARIANTS
+def _add_option(group: argparse._ArgumentGroup, settings_class: type[Settings], f) -> None:
+    hint = typing.get_type_hints(settings_class)[f.name]
+    meta = f.metadata
+    choices = list(REGISTRIES[meta["registry"]]) if meta["registry"] else meta["choices"]
+    default = f.default
+    shown = meta["none"] if default is None and meta["none"] else default
+    if isinstance(shown, tuple):
+        shown = " ".join(map(str, shown)) or "none"
+    text = meta["help"] + (f"; one of {', '.join(choices)}" if choices else "") + f" (default: {shown})"
+    kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"),
+                  metavar=meta["metavar"])
+    if hint is bool:
+        group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if typing.get_origin(hint) is tuple:
+        kwargs["nargs"] = "*" if meta["empty"] else "+"
+    kwargs["type"] = lambda value, f=f, hint=hint: parse_value(f, hint, value)
+    if kwargs["metavar"] is None:
+        kwargs["metavar"] = f.name.upper()
+    group.add_argument(flag(f.name), **kwargs)
 
-    parser = argparse.ArgumentParser(prog="diet", description=__doc__)
+
+def build_parser() -> Parser:
+    parser = Parser(prog="diet", description="Make a language model smaller without training (DIET).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, help: str, run, out: str) -> argparse.ArgumentParser:
-        p = commands.add_parser(name, help=help)
-        p.add_argument("--model", help="HF directory, .gguf file, hub id or embedded name "
-                       "(default: the embedded gemma-3-270m)")
-        p.add_argument("--out", type=Path, default=Path(out))
-        p.add_argument("--overwrite", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, command in COMMANDS.items():
+        p = commands.add_parser(name, help=command.help, description=command.help)
+        if command.model == "option":
+            p.add_argument("--model", help="HF directory, .gguf file, hub id or embedded name "
+                           "(default: the embedded gemma-3-270m)")
+        elif command.model == "positional":
+            p.add_argument("model", nargs="?", help="as for `diet prune --model`")
+        if name == "bench":
+            p.add_argument("dense", help="the dense model (as for --model)")
+            p.add_argument("pruned", help="the pruned model directory")
+        if name == "inspect":
+            p.add_argument("path", type=Path, help="a score file or a pruned model directory")
+            p.add_argument("--plot", type=Path, help="write a PNG of the score distributions here")
+        else:
+            p.add_argument("--out", type=Path, default=Path(command.out) if command.out else None,
+                           help="output path" + (f" (default: {command.out})" if command.out else
+                                                 " for the results JSON (and a .md table beside it)"))
+            p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        if name == "prune":
+            p.add_argument("--scores", type=Path, help="use this score file instead of profiling")
+        p.add_argument("--config", type=Path, help="option values from a YAML or JSON file (or a pruned "
+                       "model's dietprune.json); flags given override it")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
-        p.set_defaults(run=run)
-        return p
-
-    p = command("profile", "score hidden dimensions per task", cmd_profile, "scores.safetensors")
-    _add_profile_options(p)
-
-    p = command("prune", "profile, merge into one mask, slice, save a HF checkpoint", cmd_prune, "out/pruned")
-    p.add_argument("--scores", type=Path, help="use this score file instead of profiling")
-    _add_prune_options(p)
-    _add_profile_options(p)
-
-    p = commands.add_parser("eval", help="zero-shot accuracy on the tasks (never on calibration examples)")
-    p.add_argument("model", nargs="?", help="as for `diet profile --model`")
-    p.add_argument("--out", type=Path, help="write results JSON here (and a .md table beside it)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--backend", choices=("dietprune", "lm-eval"), default="dietprune")
-    p.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True,
-                   help="also perplexity on 256 held-out LAMBADA passages (our backend only)")
-    p.add_argument("--json", action="store_true", help="print the averages as JSON")
-    _add_eval_options(p, limit=None)
-    _add_profile_options(p)
-    p.set_defaults(run=cmd_eval)
-
-    p = command("run", "the main job: prune, evaluate dense and pruned, report", cmd_run, "out/run")
-    p.add_argument("--heldout", nargs="*", default=["piqa"], help="tasks evaluated but never profiled")
-    _add_prune_options(p, per_cell=True)
-    _add_eval_options(p, limit=100)
-    _add_profile_options(p)
-
-    p = command("sweep", "methods x sparsities x recovery -> table and plot (resumable)", cmd_sweep,
-                "out/sweep")
-    p.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
-                   metavar="VARIANT", help=f"any of {', '.join(VARIANTS)}")
-    p.add_argument("--sparsities", nargs="+", type=float, default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
-    p.add_argument("--recover-modes", nargs="+", choices=RECOVERIES, default=["none"])
-    p.add_argument("--heldout", nargs="*", default=["piqa"], help="tasks evaluated but never profiled")
-    _add_prune_options(p, per_cell=True)
-    _add_eval_options(p, limit=100)
-    _add_profile_options(p)
-
-    p = commands.add_parser("bench", help="prefill/decode throughput and memory: dense vs pruned")
-    p.add_argument("dense")
-    p.add_argument("pruned")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--out", type=Path, help="write the JSON here")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_bench)
-
-    p = commands.add_parser("inspect", help="summarise a score file or a pruned model")
-    p.add_argument("path", type=Path)
-    p.add_argument("--k", type=int, help="top-K size for the overlap matrix (default: 80%% of dims)")
-    p.add_argument("--aggregation", choices=("l1", "l2"), default="l1")
-    p.add_argument("--plot", type=Path, help="write a PNG of the score distributions here")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_inspect)
+        options = command.options()
+        for settings_class in command.groups:
+            group = p.add_argument_group(settings_class.title)
+            for f in fields(settings_class):
+                if f.name in options:
+                    _add_option(group, settings_class, f)
+        p.set_defaults(command_spec=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="diet: %(message)s")
-    progress.SETTINGS["enabled"] = not args.quiet
-    if not args.debug:  # our own progress bars and messages only
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        args.run(args)
+        args = build_parser().parse_args(argv)
+        progress.SETTINGS["enabled"] = not args.quiet
+        if not args.debug:  # our own progress bars and messages only
+            transformers_logging.set_verbosity_error()
+            transformers_logging.disable_progress_bar()
+        command = args.command_spec
+        command.run(args, _settings(command, args))
     except DietError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"diet: error: {exc}", file=sys.stderr)
         return 2

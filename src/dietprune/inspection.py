@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dietprune.errors import DietError
+from dietprune.io import read_json
 from dietprune.merge import normalised, task_votes
 from dietprune.scores import load_scores
 
@@ -36,7 +37,7 @@ def inspect_model(path: Path) -> dict:
     record_path = path / "dietprune.json"
     if not record_path.is_file():
         raise DietError(f"{path} has no dietprune.json; it is not a model pruned by dietprune")
-    record = json.loads(record_path.read_text())
+    record = read_json(record_path, "record of a pruned model")
     keys = ("source_model", "hidden_size_before", "hidden_size_after", "params_before", "params_after",
             "prune", "task_agreement", "structure", "recovery")
     return {"path": str(path)} | {key: record.get(key) for key in keys}

@@ -88,6 +88,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def read_json(path: Path, what: str) -> object:
+    """A JSON file's content; a file that cannot be read or parsed is a one-line DietError naming
+    `what` it should have been."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise DietError(f"{path} is not a readable {what} ({cause})") from exc
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     """Write `data` as indented JSON via a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

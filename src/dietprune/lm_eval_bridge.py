@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from dietprune.errors import DietError
-from dietprune.evaluate import dtype_name, select_examples, summarize, task_result
+from dietprune.evaluate import dtype_name, select_examples
+from dietprune.metrics import summarize, task_result
 from dietprune.tasks import Example, get_task, load_rows
 
 INSTALL_HINT = "pip install lm-eval==0.4.13"

@@ -11,12 +11,26 @@ mean: the K dimensions with the highest mean normalised score (the ablation of v
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from dietprune.errors import DietError
+from dietprune.settings import MERGES
 
-MERGES = ("vote", "weighted", "mean")
+AUTO_ROUNDINGS = (64, 32, 16, 8, 4, 2, 1)
+
+
+def kept_width_step(config, round_to: int | None) -> int:
+    """Kept widths must be multiples of this: lcm(round_to, attention heads); transformers rejects a width
+    the head count does not divide. `round_to=None` (auto): the largest of `AUTO_ROUNDINGS` whose step
+    is at most hidden_size / 64, so that rounding moves the sparsity by at most ~0.8 points (Gemma-3
+    270M: 8; SmolLM2's 9 heads: 1, steps of 9; widths of 4096 with 32 heads: 64)."""
+    heads = config.num_attention_heads
+    if round_to is None:
+        round_to = next(r for r in AUTO_ROUNDINGS if math.lcm(r, heads) <= config.hidden_size / 64 or r == 1)
+    return math.lcm(round_to, heads)
 
 
 def kept_width(hidden_size: int, sparsity: float, step: int) -> int:
@@ -60,3 +74,9 @@ def merge(scores: torch.Tensor, k: int, method: str = "vote") -> torch.Tensor:
     else:
         raise DietError(f"unknown merge {method!r}; choose one of {', '.join(MERGES)}")
     return torch.from_numpy(np.sort(order[:k]))
+
+
+def agreement(scores: torch.Tensor, keep: torch.Tensor, names: list[str]) -> dict[str, int]:
+    """For each task, how many of its own top-K dims the global mask keeps."""
+    votes = task_votes(scores, len(keep))
+    return {name: int(votes[i, keep].sum()) for i, name in enumerate(names)}

@@ -17,18 +17,12 @@ of a whole model.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
+from dietprune.calibration import ForwardPass, StopForward, token_batches
 from dietprune.models.adapters import adapter_for
-from dietprune.profile import calibration_batches
 from dietprune.progress import progress
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layer inputs are captured."""
 
 
 def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[list[dict]]]:
@@ -37,24 +31,19 @@ def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Ten
     hidden, kwargs = [], []
 
     def capture(index: int):
-        def hook(_module, args, kw):
+        def fn(args: tuple, kw: dict) -> None:
             if index == 0:
                 hidden.append(args[0] if args else kw["hidden_states"])
+                kwargs.append([])
             kwargs[-1].append({k: v for k, v in kw.items() if k != "hidden_states"})
             if index == len(layers) - 1:
-                raise _Stop
-        return hook
+                raise StopForward
+        return fn
 
-    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)
-               for i, layer in enumerate(layers)]
-    try:
-        for batch in batches:
-            kwargs.append([])
-            with contextlib.suppress(_Stop):
-                model.get_decoder()(**batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run = ForwardPass(model)
+    for i, layer in enumerate(layers):
+        run.on_call(layer, capture(i))
+    run.run(batches, desc="layer inputs")
     return hidden, kwargs
 
 
@@ -93,10 +82,10 @@ def recover(dense: nn.Module, pruned: nn.Module, tokenizer, texts: list[str],
             alpha: float = 0.01, batch_size: int = 8, max_length: int = 1024) -> None:
     """Refit `pruned`'s residual readers in place so their outputs match `dense`'s on `texts`."""
     adapter = adapter_for(dense.config)
-    groups = [[n for n in adapter.readers if n.startswith("self_attn.")],
-              [n for n in adapter.readers if n.startswith("mlp.")]]
-    batches = calibration_batches(tokenizer, texts, batch_size, max_length)
-    masks = [b["attention_mask"] for b in batches]
+    groups = [block.readers for block in adapter.sub_blocks]  # each group shares one norm's output
+    batches = token_batches(tokenizer, texts, batch_size, max_length)
+    device = dense.get_input_embeddings().weight.device
+    masks = [b["attention_mask"].to(device) for b in batches]
     dense_hidden, kwargs = _layer_inputs(dense, batches)
     pruned_hidden, _ = _layer_inputs(pruned, batches)
     dense_layers = dense.get_submodule(adapter.layers)
@@ -118,10 +107,11 @@ def _refit(dense_layer: nn.Module, pruned_layer: nn.Module, names: list[str], n:
     gram = n_pruned.T @ n_pruned  # K x K
     cross = n.T @ n_pruned  # d x K
     lam = alpha * gram.diagonal().mean()
-    system = gram + lam * torch.eye(len(gram), dtype=gram.dtype)
+    system = gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     for name in names:
-        weight = dense_layer.get_submodule(name).weight.double()
+        weight = dense_layer.get_submodule(name).weight.to(cross.device, torch.float64)
         target = pruned_layer.get_submodule(name).weight
-        rhs = weight @ cross + lam * target.double()  # out x K; target holds W_K (sliced, unscaled)
+        # out x K; target holds W_K (the plain sliced weight)
+        rhs = weight @ cross + lam * target.to(cross.device, torch.float64)
         solved = torch.linalg.solve(system, rhs.T).T  # system is symmetric
-        target.copy_(solved.to(target.dtype))
+        target.copy_(solved.to(target.device, target.dtype))

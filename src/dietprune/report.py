@@ -1,10 +1,39 @@
-"""Human-readable reports of a run: dense vs pruned accuracy per task (markdown), from the JSON."""
+"""Human-readable reports from the JSON results: evaluation tables, dense vs pruned, prune summaries,
+sweep tables in the paper's shape, and the sweep plot."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
+from dietprune.metrics import average, average_stderr, paired_difference, seed_mean
+from dietprune.tasks import load_examples
+
+
+def cell_name(variant: str, sparsity: float, recover: str) -> str:
+    """How a sweep cell is named (its JSON file, its key in results.json)."""
+    return f"{variant}-s{round(sparsity * 100):02d}-{recover}"
+
+
+def _pct(value: float | None, err: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" + (f" ± {100 * err:.1f}" if err is not None else "")
+
+
+def markdown_table(results: dict) -> str:
+    """Markdown table of per-task accuracies (in %, ± standard error) and the averages."""
+    lines = ["| task | n | acc | acc_norm |", "|---|---:|---:|---:|"]
+    for task, r in results["tasks"].items():
+        norm = _pct(r["acc_norm"], r["acc_norm_stderr"]) if "acc_norm" in r["metrics"] else "–"
+        lines.append(f"| {task} | {r['n']} | {_pct(r['acc'], r['acc_stderr'])} | {norm} |")
+    avg = results["average"]
+    lines.append(f"| **average** (acc / headline score) | | {_pct(avg['acc'])} | {_pct(avg['score'])} |")
+    if "perplexity" in results:
+        ppl = results["perplexity"]
+        lines.append(f"\nperplexity on {ppl['texts']} {ppl['corpus']} passages ({ppl['tokens']} tokens): "
+                     f"{ppl['perplexity']:.2f}")
+    return "\n".join(lines)
 
 
 def comparison_table(dense: dict, pruned: dict, heldout: tuple[str, ...] = ()) -> str:
@@ -30,3 +59,100 @@ def comparison_table(dense: dict, pruned: dict, heldout: tuple[str, ...] = ()) -
         lines.append(f"\nperplexity on {d['texts']} held-out {d['corpus']} passages ({d['tokens']} tokens): "
                      f"dense {d['perplexity']:.2f}, pruned {p['perplexity']:.2f}")
     return "\n".join(lines)
+
+
+def prune_summary(record: dict) -> dict:
+    keys = ("source_model", "hidden_size_before", "hidden_size_after", "params_before", "params_after",
+            "task_agreement", "seconds")
+    return {key: record[key] for key in keys if key in record}
+
+
+def prune_summary_text(record: dict) -> str:
+    k, d = record["hidden_size_after"], record["hidden_size_before"]
+    before, after = record["params_before"], record["params_after"]
+    lines = [f"pruned {record['source_model']}: hidden {d} -> {k} ({1 - k / d:.1%} of dims removed)",
+             f"params {before:,} -> {after:,} ({1 - after / before:.1%} fewer)"]
+    if "task_agreement" in record:
+        lines.append(f"per-task agreement (own top-{k} dims kept by the global mask):")
+        lines += [f"  {task:<14} {n:>5} / {k}" for task, n in record["task_agreement"].items()]
+    if "structure" in record:
+        structure = {key: value for key, value in record["structure"].items()
+                     if key.endswith(("_after", "_layers")) and key != "kept_layers"}
+        lines.append(f"{record['structure']['method']}: {json.dumps(structure)}")
+    lines.append(f"done in {record['seconds']} s")
+    return "\n".join(lines)
+
+
+def tables(results: dict, variants, sparsities, recoveries) -> str:
+    """Markdown in the paper's shape: one block per sparsity, rows = methods, acc per task + averages,
+    and each method's paired difference to DIET (vote) on the same examples when DIET is in the sweep."""
+    heldout = results["heldout"]
+    profiled = [t for t in results["tasks"] if t not in heldout]
+    source = results["cells"]["dense"]["settings"]["source"]
+    golds = {t: {ex.id: ex.gold for ex in load_examples(t, source)} for t in profiled + heldout}
+    versus = "diet" in variants
+    header = ("| method | params | " + " | ".join(profiled) + " | **avg** | " + ("avg - diet | " * versus)
+              + " | ".join(f"{t} (held out)" for t in heldout) + " | ppl |")
+    rule = "|---|---:|" + "---:|" * (len(profiled) + 2 + versus + len(heldout))
+
+    def row(label: str, cell: dict, reference: dict | None) -> str:
+        if "error" in cell:
+            return f"| {label} | – | n/a: {cell['error']} |"
+        params = cell.get("prune", {}).get("params_after")
+        accs = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in profiled]
+        held = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in heldout]
+        ppl = f"{cell['perplexity']['perplexity']:.1f}" if "perplexity" in cell else "–"
+        avg = f"**{100 * average(cell, profiled):.1f}** ± {100 * average_stderr(cell, profiled):.1f} | "
+        if versus:
+            usable = reference is not None and "error" not in reference and reference is not cell
+            delta, err = paired_difference(cell, reference, profiled, golds) if usable else (None, None)
+            avg += f"{100 * delta:+.1f} ± {100 * err:.1f} | " if usable else "– | "
+        return (f"| {label} | {f'{params / 1e6:.1f}M' if params else 'dense'} | " + " | ".join(accs)
+                + f" | {avg}" + " | ".join(held) + f" | {ppl} |")
+
+    blocks = [f"acc (%), {results['limit']} examples per task (fewer where the split, after calibration, "
+              "has fewer); avg ± its standard error"
+              + ("; avg - diet: paired difference to DIET on the same examples ± its standard error" if versus
+                 else "")
+              + "; held-out tasks are never profiled; ppl = perplexity on 256 held-out LAMBADA passages.\n",
+              "**dense**\n", header, rule, row("dense", results["cells"]["dense"], None), ""]
+    for sparsity in sparsities:
+        blocks += [f"**sparsity {sparsity:.0%}**\n", header, rule]
+        for recover in recoveries:
+            reference = results["cells"].get(cell_name("diet", sparsity, recover))
+            suffix = " + lsq" if recover == "lsq" else ""
+            for variant in variants:
+                blocks.append(row(variant + suffix, results["cells"][cell_name(variant, sparsity, recover)],
+                                  reference))
+            seeds = [results["cells"][cell_name(v, sparsity, recover)] for v in variants
+                     if v.startswith("random-")]
+            if len(seeds) > 1 and not any("error" in c for c in seeds):
+                blocks.append(row(f"random, mean of {len(seeds)} seeds{suffix}",
+                                  seed_mean(seeds, profiled + heldout, golds), reference))
+        blocks.append("")
+    return "\n".join(blocks)
+
+
+def plot(results: dict, variants, sparsities, recoveries, png: Path) -> None:
+    """Average accuracy over the profiled tasks vs sparsity, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiled = [t for t in results["tasks"] if t not in results["heldout"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = 100 * average(results["cells"]["dense"], profiled)
+    ax.axhline(dense, color="black", ls=":", label="dense")
+    for variant in variants:
+        for recover in recoveries:
+            ys = [100 * average(results["cells"][cell_name(variant, s, recover)], profiled)
+                  for s in sparsities]
+            ax.plot([100 * s for s in sparsities], ys, marker="o", ls="--" if recover == "lsq" else "-",
+                    label=variant + (" + lsq" if recover == "lsq" else ""))
+    ax.set(xlabel="sparsity (% of hidden dims removed)", ylabel="average acc (%)",
+           title=f"{len(profiled)}-task average, {results['limit']} examples per task")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

@@ -1,7 +1,8 @@
-"""Score files: per-task activation statistics (safetensors) with their provenance (JSON metadata).
+"""Per-corpus activation statistics on disk: score files (safetensors + JSON provenance) and the profile
+cache that lets an interrupted run resume with the corpora it had finished.
 
-One file holds, for every task, the token-weighted sums behind the scores, so both aggregations and
-any later merge can be computed from it; the metadata records model, site, seed and calibration ids.
+A score file holds, for every task, the token-weighted sums behind the scores, so both aggregations and
+any later merge can be computed from it; the metadata records model, settings and calibration ids.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from dietprune.calibration import Corpus, is_main_process
 from dietprune.errors import DietError
-from dietprune.profile import ActivationStats
+from dietprune.models.load import cache_root
+from dietprune.profile import ActivationStats, profile
+from dietprune.settings import CalibrationSettings
+from dietprune.version import __version__
 
 FORMAT = "dietprune.scores/1"
 
@@ -60,5 +65,28 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(memoryview(tensor.detach().contiguous().view(torch.uint8).numpy()))
+        digest.update(memoryview(tensor.detach().contiguous().cpu().view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
+
+
+def profile_corpora(model, tokenizer, fingerprint: str, corpora: list[Corpus], settings: CalibrationSettings,
+                    use_cache: bool = True) -> dict[str, ActivationStats]:
+    """Activation stats per corpus; each finished corpus is cached under its key and reused."""
+    stats = {}
+    for corpus in corpora:
+        key = _cache_key(fingerprint, corpus, settings)
+        cached = cache_root() / "scores" / f"{key}.safetensors"
+        if use_cache and cached.is_file():
+            stats[corpus.name] = load_scores(cached)[0][corpus.name]
+            continue
+        stats[corpus.name] = profile(model, tokenizer, corpus.texts, settings.site, settings.batch_size,
+                                     settings.max_length, desc=f"profile {corpus.name}")
+        if is_main_process():
+            save_scores(cached, {corpus.name: stats[corpus.name]}, {"tasks": [corpus.name], "key": key})
+    return stats
+
+
+def _cache_key(fingerprint: str, corpus: Corpus, settings: CalibrationSettings) -> str:
+    parts = [fingerprint, corpus.name, ",".join(corpus.ids), settings.site, str(settings.max_length),
+             settings.data_source, __version__]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]

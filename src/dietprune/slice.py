@@ -18,32 +18,19 @@ from __future__ import annotations
 import math
 
 import torch
-from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from dietprune.errors import DietError
 from dietprune.models.adapters import Adapter, adapter_for
+from dietprune.models.edit import edited_config, rebuild
 
 CHUNK_BYTES = 1 << 24  # in-place slicing copies at most this much at a time
-
-
-AUTO_ROUNDINGS = (64, 32, 16, 8, 4, 2, 1)
-
-
-def kept_width_step(config, round_to: int | None) -> int:
-    """Kept widths must be multiples of this: lcm(round_to, attention heads); transformers rejects a width
-    the head count does not divide. `round_to=None` (auto): the largest of `AUTO_ROUNDINGS` whose step
-    is at most hidden_size / 64, so that rounding moves the sparsity by at most ~0.8 points (Gemma-3
-    270M: 8; SmolLM2's 9 heads: 1, steps of 9; widths of 4096 with 32 heads: 64)."""
-    heads = config.num_attention_heads
-    if round_to is None:
-        round_to = next(r for r in AUTO_ROUNDINGS if math.lcm(r, heads) <= config.hidden_size / 64 or r == 1)
-    return math.lcm(round_to, heads)
 
 
 def _roles(model: PreTrainedModel, k: int) -> dict[str, tuple[str, float]]:
     """Module name -> (role on the residual axis, scale) for a slice to width k (see the module doc)."""
     adapter = adapter_for(model.config)
+    adapter.require("slicing", "norm_with_bias")
     r = math.sqrt(model.config.hidden_size / k)
     c = 1 / r
     embedding_scale = 1.0 if adapter.width_scaled_embedding else c
@@ -52,10 +39,11 @@ def _roles(model: PreTrainedModel, k: int) -> dict[str, tuple[str, float]]:
     roles: dict[str, tuple[str, float]] = {adapter.final_norm: ("norm", r / head_scale)}
     for i in range(len(model.get_submodule(adapter.layers))):
         prefix = f"{adapter.layers}.{i}."
-        roles |= {prefix + n: ("reader", 1.0) for n in adapter.readers}
-        roles |= {prefix + n: ("writer", c) for n in adapter.writers}
-        roles |= {prefix + n: ("norm", r) for n in adapter.input_norms}
-        roles |= {prefix + n: ("norm", 1.0) for n in adapter.output_norms}
+        for block in adapter.sub_blocks:
+            roles |= {prefix + n: ("reader", 1.0) for n in block.readers}
+            roles |= {prefix + block.writer: ("writer", c), prefix + block.norm: ("norm", r)}
+            if block.output_norm:
+                roles[prefix + block.output_norm] = ("norm", 1.0)
     module_names = {module: name for name, module in model.named_modules()}
     roles[module_names[model.get_input_embeddings()]] = ("reader", embedding_scale)
     roles[module_names[model.get_output_embeddings()]] = ("reader", head_scale)
@@ -93,6 +81,7 @@ def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor, in_place: bool
 
 def _slice_tensor(tensor: torch.Tensor, role: str | None, kind: str, scale: float,
                   keep: torch.Tensor, adapter: Adapter, in_place: bool) -> torch.Tensor:
+    keep = keep.to(tensor.device)
     if role == "reader" and kind == "weight":
         return _keep_columns(tensor, keep, in_place).mul_(scale)
     if role == "writer":
@@ -145,13 +134,5 @@ def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = Fal
     if k % model.config.num_attention_heads:
         raise DietError(f"kept width {k} is not a multiple of the {model.config.num_attention_heads} "
                         "attention heads; use --round-to so K is")
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.head_dim = getattr(model.config, "head_dim", None) or d // model.config.num_attention_heads
-    config.hidden_size = k
-    dtype = next(model.parameters()).dtype
-    with init_empty_weights(include_buffers=False):  # parameters on "meta": assigned below, no memory
-        sliced = AutoModelForCausalLM.from_config(config, dtype=dtype)  # buffers built from the config
-    sliced.load_state_dict(sliced_state_dict(model, keep, in_place), strict=True, assign=True)
-    if config.tie_word_embeddings:
-        sliced.tie_weights()
-    return sliced.eval()
+    state = sliced_state_dict(model, keep, in_place)
+    return rebuild(edited_config(model.config, {"hidden_size": k}), state, next(model.parameters()).dtype)

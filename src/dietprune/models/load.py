@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dietprune.errors import DietError
 from dietprune.io import atomic_dir
+from dietprune.models.edit import rebuild
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise DietError(f"cannot load model {spec}: {str(exc).splitlines()[0]}") from exc
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, damaged, incomplete
+        raise DietError(f"cannot load model {spec}: {str(exc).strip().splitlines()[0]}") from exc
     model.eval()
     return model, tokenizer, source
 
@@ -136,8 +138,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized: a plain checkpoint
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
+    model = rebuild(config, quantized.state_dict(), torch.float32)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

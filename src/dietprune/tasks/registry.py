@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dietprune.errors import DietError
+from dietprune.settings import DEFAULT_TASKS  # noqa: F401 (re-exported: the tasks DIET profiles)
 from dietprune.tasks import data
 
 TARGET_DELIMITER = " "
@@ -169,15 +170,6 @@ _SPECS = [
 ]
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
-DEFAULT_TASKS: tuple[str, ...] = (
-    "boolq",
-    "rte",
-    "hellaswag",
-    "winogrande",
-    "arc_easy",
-    "arc_challenge",
-    "openbookqa",
-)
 SOURCES = ("offline", "hub")
 
 

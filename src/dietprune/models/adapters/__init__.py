@@ -1,15 +1,19 @@
-"""Architecture registry: model_type -> Adapter. The algorithm never branches on model names."""
+"""Architecture registry: model_type -> Adapter, one module per architecture in this package (each
+defines ADAPTER). The algorithms never branch on model names."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from dietprune.errors import DietError
-from dietprune.models.adapters import gemma, gemma2, gemma3, llama, mistral, qwen2, qwen3
-from dietprune.models.adapters.base import Adapter
+from dietprune.models.adapters.base import Adapter, SubBlock
 
 ADAPTERS: dict[str, Adapter] = {
-    model_type: module.ADAPTER
-    for module in (gemma, gemma2, gemma3, llama, mistral, qwen2, qwen3)
-    for model_type in module.ADAPTER.model_types
+    model_type: adapter
+    for info in pkgutil.iter_modules(__path__) if info.name != "base"
+    for adapter in [importlib.import_module(f"{__name__}.{info.name}").ADAPTER]
+    for model_type in adapter.model_types
 }
 
 
@@ -21,4 +25,4 @@ def adapter_for(config) -> Adapter:
     return ADAPTERS[model_type]
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for"]
+__all__ = ["ADAPTERS", "Adapter", "SubBlock", "adapter_for"]

@@ -1,37 +1,100 @@
-"""What an architecture adapter declares: the modules that touch the residual stream.
+"""What an architecture adapter declares: the modules that read from and write to the residual stream.
 
-Names are relative to one decoder layer. Every other tensor in the model is left untouched; loading
-the sliced state dict strictly into a model built from the new config checks that nothing was missed.
+Names are relative to one decoder layer. A decoder layer here is two sub-blocks, attention and MLP; each
+reads the residual stream through its own norm and writes one linear layer's output back into it,
+optionally through an output norm (Gemma-2/3). Every other tensor in the model is left untouched;
+loading the sliced state dict strictly into a model built from the new config checks that nothing was
+missed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ATTENTION_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+from dietprune.errors import DietError
+
+
+@dataclass(frozen=True)
+class SubBlock:
+    """One sub-block: `norm` normalises the residual stream for `readers`; `writer` adds its output back,
+    through `output_norm` when there is one."""
+
+    norm: str
+    readers: tuple[str, ...]
+    writer: str
+    output_norm: str | None = None
 
 
 @dataclass(frozen=True)
 class Adapter:
     """Residual-stream anatomy of one architecture.
 
-    readers: linear layers fed by the normalised residual stream (their input columns are sliced).
-    writers: linear layers whose outputs land on the residual axis (their output rows are sliced).
-    input_norms: norms whose input is the residual stream (the final norm is always one).
-    output_norms: norms applied to a writer's output before it is added back (Gemma-2/3).
-    norm_offset: the norm multiplies by (norm_offset + weight); Gemma uses 1.
+    attention: q/k/v read through the first norm, o_proj writes; mlp: gate/up read, down_proj writes.
+    q, k, v, o, gate, up, down name the same modules by role for the algorithms that cut heads and
+    channels. norm_offset: the norm multiplies by (norm_offset + weight); Gemma uses 1.
     width_scaled_embedding: embeddings are multiplied by sqrt(hidden_size) (Gemma).
+    The flags mark anatomy that some algorithms cannot handle (see `require`): parallel_block
+    (attention and MLP read the same norm output and write together), norm_with_bias (LayerNorm: centred
+    and biased, so neither a slice nor a rotation of the stream is exact), fused_qkv (one matrix holds
+    q, k and v, so heads cannot be cut one projection at a time).
     """
 
     name: str
     model_types: tuple[str, ...]
-    input_norms: tuple[str, ...]
-    output_norms: tuple[str, ...] = ()
-    readers: tuple[str, ...] = ATTENTION_READERS + MLP_READERS
-    writers: tuple[str, ...] = WRITERS
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    attention_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attention_output_norm: str | None = None
+    mlp_output_norm: str | None = None
     norm_offset: float = 0.0
     width_scaled_embedding: bool = False
     layers: str = "model.layers"
     final_norm: str = "model.norm"
+    parallel_block: bool = False
+    norm_with_bias: bool = False
+    fused_qkv: bool = False
+
+    @property
+    def attention(self) -> SubBlock:
+        return SubBlock(self.attention_norm, (self.q, self.k, self.v), self.o, self.attention_output_norm)
+
+    @property
+    def mlp(self) -> SubBlock:
+        return SubBlock(self.mlp_norm, (self.gate, self.up), self.down, self.mlp_output_norm)
+
+    @property
+    def sub_blocks(self) -> tuple[SubBlock, SubBlock]:
+        return self.attention, self.mlp
+
+    @property
+    def readers(self) -> tuple[str, ...]:
+        """Linear layers fed by a normalised residual stream (their input columns lie on the axis)."""
+        return tuple(name for block in self.sub_blocks for name in block.readers)
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        """Linear layers whose outputs land on the residual axis (their output rows lie on it)."""
+        return tuple(block.writer for block in self.sub_blocks)
+
+    @property
+    def input_norms(self) -> tuple[str, ...]:
+        """Norms whose input is the residual stream (the final norm is one too)."""
+        return tuple(block.norm for block in self.sub_blocks)
+
+    @property
+    def output_norms(self) -> tuple[str, ...]:
+        """Norms applied to a writer's output before it is added back (Gemma-2/3)."""
+        return tuple(block.output_norm for block in self.sub_blocks if block.output_norm)
+
+    def require(self, algorithm: str, *absent: str) -> None:
+        """Refuse, with one line naming the algorithm, an architecture flagged with any of `absent`."""
+        for flag in absent:
+            if getattr(self, flag):
+                raise DietError(f"{algorithm} cannot handle {self.name}'s {flag.replace('_', ' ')}; "
+                                "this architecture is not supported for it")

@@ -2,10 +2,4 @@
 
 from dietprune.models.adapters.base import Adapter
 
-ADAPTER = Adapter(
-    name="gemma",
-    model_types=("gemma",),
-    input_norms=("input_layernorm", "post_attention_layernorm"),
-    norm_offset=1.0,
-    width_scaled_embedding=True,
-)
+ADAPTER = Adapter(name="gemma", model_types=("gemma",), norm_offset=1.0, width_scaled_embedding=True)

@@ -2,8 +2,4 @@
 
 from dietprune.models.adapters.base import Adapter
 
-ADAPTER = Adapter(
-    name="llama",
-    model_types=("llama",),
-    input_norms=("input_layernorm", "post_attention_layernorm"),
-)
+ADAPTER = Adapter(name="llama", model_types=("llama",))

@@ -1,4 +1,4 @@
-"""SliceGPT-style baseline: rotate the residual stream onto its principal axes, then slice the last ones.
+"""slicegpt: rotate the residual stream onto its principal axes, then slice the last ones (SliceGPT-style).
 
 SliceGPT (Ashkboos et al., 2024) folds each RMSNorm's gain into the linear layers that read the norm's
 output. The norm then computes x / rms(x), which commutes with any orthogonal Q, so rotating the
@@ -22,44 +22,39 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from dietprune.calibration import ForwardPass, token_batches
 from dietprune.errors import DietError
+from dietprune.merge import kept_width_step
+from dietprune.methods.base import Method, require_tokens
 from dietprune.models.adapters import adapter_for
-from dietprune.profile import calibration_batches
-from dietprune.progress import progress
-from dietprune.slice import CHUNK_BYTES, kept_width_step, slice_model, sliced_param_count
-from dietprune.structural import count_params
+from dietprune.models.edit import count_params
+from dietprune.slice import CHUNK_BYTES, slice_model, sliced_param_count
 
 
-@torch.inference_mode()
 def residual_covariance(model: PreTrainedModel, tokenizer, texts: list[str], batch_size: int = 8,
                         max_length: int = 1024) -> torch.Tensor:
-    """(d, d) float64: sum over non-padding tokens and over every layer's input and the final norm's
-    input of x^T x."""
+    """(d, d) float64 on the model's device: sum over non-padding tokens and over every layer's input
+    and the final norm's input of x^T x. Accumulated in float64: the eigenvectors of a sum of ~10^5
+    rank-one terms whose eigenvalues span many orders need its digits (SliceGPT found fp64 matters)."""
     adapter = adapter_for(model.config)
     d = model.config.hidden_size
-    total = torch.zeros(d, d, dtype=torch.float64)
-    token_mask: torch.Tensor | None = None
+    total = torch.zeros(d, d, dtype=torch.float64, device=model.get_input_embeddings().weight.device)
 
-    def accumulate(_module: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, d)[token_mask].double()
+    def accumulate(x: torch.Tensor) -> None:
+        x = x.to(total.device, torch.float64)
         total.addmm_(x.T, x)
 
-    sites = [*model.get_submodule(adapter.layers), model.get_submodule(adapter.final_norm)]
-    handles = [site.register_forward_pre_hook(accumulate) for site in sites]
-    try:
-        batches = calibration_batches(tokenizer, texts, batch_size, max_length)
-        for batch in progress(batches, desc="covariance", unit="batch"):
-            token_mask = batch["attention_mask"].reshape(-1).bool()
-            model.get_decoder()(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run = ForwardPass(model)
+    for site in [*model.get_submodule(adapter.layers), model.get_submodule(adapter.final_norm)]:
+        run.on_input(site, accumulate)
+    require_tokens(run.run(token_batches(tokenizer, texts, batch_size, max_length), "covariance"))
     return total
 
 
 def check_rotatable(config) -> None:
     """Refuse architectures whose function a rotation of the residual basis would change."""
     adapter = adapter_for(config)
+    adapter.require("slicegpt", "norm_with_bias")
     if adapter.output_norms:
         raise DietError(f"slicegpt needs pre-norm blocks; {adapter.name}'s post-norms "
                         f"({', '.join(adapter.output_norms)}) do not commute with a rotation")
@@ -76,7 +71,7 @@ def rotate(model: PreTrainedModel, q: torch.Tensor) -> None:
         head.weight = nn.Parameter(embedding.weight.clone())
         model.config.tie_word_embeddings = False
         model.config.get_text_config().tie_word_embeddings = False
-    q = q.double()
+    q = q.to(embedding.weight.device, torch.float64)
 
     def fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
         gain = adapter.norm_offset + norm.weight.double()
@@ -85,11 +80,9 @@ def rotate(model: PreTrainedModel, q: torch.Tensor) -> None:
         norm.weight.fill_(1 - adapter.norm_offset)
 
     for layer in model.get_submodule(adapter.layers):
-        for norm_name, prefix in zip(adapter.input_norms, ("self_attn.", "mlp."), strict=True):
-            fold(layer.get_submodule(norm_name),
-                 [layer.get_submodule(name) for name in adapter.readers if name.startswith(prefix)])
-        for name in adapter.writers:
-            writer = layer.get_submodule(name)
+        for block in adapter.sub_blocks:
+            fold(layer.get_submodule(block.norm), [layer.get_submodule(name) for name in block.readers])
+            writer = layer.get_submodule(block.writer)
             _rotate_rows(writer.weight.T, q)
             if writer.bias is not None:
                 _rotate_rows(writer.bias[None], q)
@@ -102,8 +95,9 @@ def _rotate_rows(matrix: torch.Tensor, q: torch.Tensor, gain: torch.Tensor | Non
     the embedding of a 256k vocabulary would otherwise need a full float64 copy)."""
     step = max(1, CHUNK_BYTES // (8 * matrix.shape[1]))
     for start in range(0, matrix.shape[0], step):
-        block = matrix[start:start + step].double()
-        matrix[start:start + step] = (block if gain is None else block * gain) @ q
+        block = matrix[start:start + step].to(q.device, torch.float64)
+        rotated = (block if gain is None else block * gain.to(q.device)) @ q
+        matrix[start:start + step] = rotated.to(matrix.device)
 
 
 def slicegpt(model: PreTrainedModel, tokenizer, texts: list[str], target_params: int, batch_size: int = 8,
@@ -112,7 +106,7 @@ def slicegpt(model: PreTrainedModel, tokenizer, texts: list[str], target_params:
     count) whose parameter count is at most `target_params`. Returns the sliced model and a record."""
     check_rotatable(model.config)
     covariance = residual_covariance(model, tokenizer, texts, batch_size, max_length)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # float64, where the covariance lies
     order = eigenvalues.argsort(descending=True)
     untied = model.config.tie_word_embeddings
     rotate(model, eigenvectors[:, order])
@@ -131,3 +125,7 @@ def slicegpt(model: PreTrainedModel, tokenizer, texts: list[str], target_params:
               "hidden_size": k, "untied_head": untied, "explained_variance": explained,
               "target_params": target_params, "params_after": count_params(sliced)}
     return sliced, record
+
+
+METHOD = Method(name="slicegpt", summary="hidden dims after rotating the residual stream onto its principal "
+                "axes (pre-norm architectures only)", build=slicegpt, consumes=True)

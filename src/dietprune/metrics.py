@@ -1,0 +1,109 @@
+"""Metrics and statistics: accuracies as lm-eval defines them, standard errors, paired differences."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from dietprune.errors import DietError
+from dietprune.tasks import Example, get_task
+
+
+def stderr(values: Sequence[float]) -> float | None:
+    """Standard error of the mean with the sample standard deviation (lm-eval's `mean_stderr`)."""
+    if len(values) < 2:
+        return None
+    return float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def predictions(example: Example, lls: Sequence[float]) -> tuple[int, int]:
+    """(pred, pred_norm): argmax of the log-likelihoods, and of log-likelihood / choice length in
+    characters (lm-eval's acc_norm: `len(choice)` without the target delimiter; first index on ties)."""
+    lengths = np.array([float(len(c)) for c in example.choices])
+    return int(np.argmax(lls)), int(np.argmax(np.asarray(lls) / lengths))
+
+
+def task_result(examples: Sequence[Example], lls: Sequence[Sequence[float]]) -> dict:
+    """Accuracy metrics and per-example predictions of one task."""
+    preds = [predictions(ex, ll) for ex, ll in zip(examples, lls, strict=True)]
+    acc = [float(p == ex.gold) for (p, _), ex in zip(preds, examples, strict=True)]
+    acc_norm = [float(q == ex.gold) for (_, q), ex in zip(preds, examples, strict=True)]
+    return {
+        "acc": float(np.mean(acc)) if acc else None,
+        "acc_stderr": stderr(acc),
+        "acc_norm": float(np.mean(acc_norm)) if acc_norm else None,
+        "acc_norm_stderr": stderr(acc_norm),
+        "n": len(examples),
+        "metrics": list(get_task(examples[0].task).metrics) if examples else [],
+        "ids": [ex.id for ex in examples],
+        "preds": [p for p, _ in preds],
+        "preds_norm": [q for _, q in preds],
+    }
+
+
+def headline(result: dict) -> float | None:
+    """A task's headline score: acc_norm where lm-eval reports it, else acc."""
+    return result["acc_norm"] if "acc_norm" in result["metrics"] else result["acc"]
+
+
+def summarize(per_task: dict[str, dict], settings: dict) -> dict:
+    """Full results: per-task metrics, averages over tasks, settings.
+
+    `average.acc` is the mean accuracy over tasks; `average.score` the mean of each task's headline
+    metric (acc_norm for HellaSwag, ARC, OpenBookQA and PIQA, acc for BoolQ, RTE and WinoGrande).
+    """
+    done = [r for r in per_task.values() if r["n"]]
+    mean = (lambda xs: float(np.mean(xs))) if done else (lambda xs: None)
+    average = {"acc": mean([r["acc"] for r in done]), "score": mean([headline(r) for r in done])}
+    return {"tasks": per_task, "average": average, "settings": settings}
+
+
+def average(cell: dict, tasks: list[str]) -> float:
+    """Mean acc of a result over `tasks` (NaN for a cell whose method did not apply)."""
+    if "error" in cell:
+        return math.nan
+    return sum(cell["tasks"][t]["acc"] for t in tasks) / len(tasks)
+
+
+def average_stderr(cell: dict, tasks: list[str]) -> float:
+    """Standard error of the average over tasks (tasks' examples independent)."""
+    return math.sqrt(sum(cell["tasks"][t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks)
+
+
+def correct(result: dict, golds: dict[str, int]) -> np.ndarray:
+    """Per example of one task's result: 1.0 where the acc prediction is right (or, for a seed mean,
+    the share of seeds that are right)."""
+    if "correct" in result:
+        return np.asarray(result["correct"], dtype=float)
+    return (np.array(result["preds"]) == np.array([golds[i] for i in result["ids"]])).astype(float)
+
+
+def seed_mean(cells: list[dict], tasks: list[str], golds: dict[str, dict[str, int]]) -> dict:
+    """One cell for the mean of several seeds' cells on the same examples: per example, the share of
+    seeds that are right; its acc is the mean acc, its standard error that of the per-example shares."""
+    merged = {}
+    for task in tasks:
+        ids = cells[0]["tasks"][task]["ids"]
+        if any(c["tasks"][task]["ids"] != ids for c in cells):
+            raise DietError(f"{task}: the seeds were evaluated on different examples")
+        share = np.mean([correct(c["tasks"][task], golds[task]) for c in cells], axis=0)
+        merged[task] = {"ids": ids, "correct": share.tolist(), "acc": float(share.mean()),
+                        "acc_stderr": float(share.std(ddof=1) / math.sqrt(len(share)))}
+    return {"tasks": merged, "prune": cells[0]["prune"]}
+
+
+def paired_difference(cell: dict, reference: dict, tasks: list[str], golds: dict[str, dict[str, int]]
+                      ) -> tuple[float, float]:
+    """Average over tasks of (cell acc - reference acc) on the same examples, and its standard error:
+    per-example differences within a task (paired), tasks independent."""
+    means, variances = [], []
+    for task in tasks:
+        mine, theirs = cell["tasks"][task], reference["tasks"][task]
+        if mine["ids"] != theirs["ids"]:
+            raise DietError(f"{task}: the two cells were evaluated on different examples")
+        diff = correct(mine, golds[task]) - correct(theirs, golds[task])
+        means.append(diff.mean())
+        variances.append(diff.var(ddof=1) / len(diff))
+    return float(np.mean(means)), math.sqrt(sum(variances)) / len(tasks)

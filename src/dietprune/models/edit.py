@@ -1,0 +1,55 @@
+"""Stock models with edited shapes: one way to change a config, rebuild a model around a state dict,
+read head_dim and count parameters."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassError
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from dietprune.errors import DietError
+
+
+def head_dim(config) -> int:
+    """Per-head width: the config's explicit head_dim, else hidden_size / heads (the transformers rule)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def edited_config(config, changes: dict):
+    """A new config of the same class with `changes` applied, validated like a loaded one. head_dim is
+    written out first, so it survives a change of hidden_size or head count. A config the class rejects
+    (transformers checks e.g. hidden_size % heads) is a one-line DietError."""
+    values = config.to_dict() | {"head_dim": head_dim(config)} | changes
+    try:
+        return config.__class__.from_dict(values)
+    except (ValueError, StrictDataclassError) as exc:
+        raise DietError(f"transformers rejects the edited {config.model_type} config "
+                        f"({', '.join(f'{k}={v}' for k, v in changes.items())}): "
+                        f"{str(exc).splitlines()[0]}") from exc
+
+
+def accepts(config, changes: dict) -> bool:
+    """Whether the config class validates with `changes`."""
+    try:
+        edited_config(config, changes)
+    except DietError:
+        return False
+    return True
+
+
+def rebuild(config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
+    """A stock model built from `config` holding `state`, loaded strictly (every key, every shape) and
+    without copies: parameters start on "meta" and are assigned the given tensors."""
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are built from the config
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
