@@ -22,7 +22,7 @@ import transformers
 from transformers import PreTrainedModel
 
 from dietprune.calibration import task_corpora
-from dietprune.device import compute_dtype
+from dietprune.device import compute_dtype, full_state_dict, place_like, resolve_device
 from dietprune.errors import DietError
 from dietprune.evaluate import dtype_name, excluded_ids, perplexity
 from dietprune.evaluate import evaluate as evaluate_tasks
@@ -31,7 +31,7 @@ from dietprune.merge import agreement, kept_width, kept_width_step, merge
 from dietprune.methods import Context, get_method
 from dietprune.models.adapters import adapter_for
 from dietprune.models.edit import count_params
-from dietprune.models.load import load_model
+from dietprune.models.load import load_model, stored_dtype
 from dietprune.profile import ActivationStats
 from dietprune.report import comparison_table
 from dietprune.scores import load_scores
@@ -53,21 +53,25 @@ FORMAT = "dietprune.model/2"
 
 @dataclass
 class Loaded:
-    """A model with its tokenizer, where it came from, and the record of a model dietprune pruned."""
+    """A model with its tokenizer, where it came from, the dtype its checkpoint stores, and the record
+    of a model dietprune pruned."""
 
     model: PreTrainedModel
     tokenizer: object
     name: str
+    stored_dtype: torch.dtype
     record: dict | None = None
 
 
 @dataclass
 class Pruned:
-    """A pruned model in memory and what was done to it (saved as dietprune.json)."""
+    """A pruned model in memory, what was done to it (saved as dietprune.json), and the dtype it is
+    saved in."""
 
     model: PreTrainedModel
     tokenizer: object
     record: dict
+    save_dtype: torch.dtype
 
 
 def versions() -> dict[str, str]:
@@ -79,8 +83,11 @@ def versions() -> dict[str, str]:
 def load(spec: str | None = None, runtime: RuntimeSettings | None = None) -> Loaded:
     """Load a model directory, .gguf file, hub id or embedded name (default: the embedded Gemma-3 270M)."""
     runtime = runtime or RuntimeSettings()
-    model, tokenizer, source = load_model(spec, dtype=compute_dtype(runtime.dtype))
-    return Loaded(model, tokenizer, source.name, read_record(Path(source.path)))
+    device = resolve_device(runtime.device)
+    dtype = compute_dtype(runtime.dtype, device)
+    model, tokenizer, source = load_model(spec, dtype, device, runtime.device_map)
+    return Loaded(model, tokenizer, source.name, stored_dtype(source.path),
+                  read_record(Path(source.path)))
 
 
 def read_record(model_dir: Path) -> dict | None:
@@ -111,7 +118,8 @@ def _loaded(model: str | PreTrainedModel | Loaded | None, tokenizer, runtime: Ru
     if isinstance(model, PreTrainedModel):
         if tokenizer is None:
             raise DietError("a loaded model needs its tokenizer: prune(model, tokenizer, ...)")
-        return Loaded(model.eval(), tokenizer, getattr(model.config, "_name_or_path", "") or "in-memory")
+        name = getattr(model.config, "_name_or_path", "") or "in-memory"
+        return Loaded(model.eval(), tokenizer, name, model.dtype)
     return load(model, runtime)
 
 
@@ -180,10 +188,13 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
         record |= {"kept_dims": keep.tolist(), "task_agreement": agreement_by_task}
         if settings.recover == "lsq":
             record["recovery"] = _recover(dense, pruned, context, settings)
+    if hasattr(dense, "hf_device_map"):  # dispatched by accelerate: the pruned model is placed alike
+        pruned = place_like(pruned, dense, runtime.device_map or "auto")
+    save_dtype = loaded.stored_dtype if runtime.save_dtype == "auto" else getattr(torch, runtime.save_dtype)
     record |= {"hidden_size_after": pruned.config.hidden_size, "params_after": count_params(pruned),
                "calibration": context.used, "versions": versions(),
                "seconds": round(time.perf_counter() - started, 1)}
-    return Pruned(pruned, loaded.tokenizer, record)
+    return Pruned(pruned, loaded.tokenizer, record, save_dtype)
 
 
 def choose_dims(stats: dict[str, ActivationStats], k: int, settings: PruneSettings
@@ -223,19 +234,32 @@ def _recover(dense, sliced, context: Context, settings: PruneSettings) -> dict:
             "tasks": {corpus.name: {"ids": list(corpus.ids)} for corpus in corpora}}
 
 
-def save(pruned: Pruned, out: str | Path, overwrite: bool = False, protected: tuple[Path, ...] = ()) -> Path:
-    """Write the pruned model as a standard Hugging Face checkpoint with its dietprune.json, atomically."""
+def save(pruned: Pruned, out: str | Path, overwrite: bool = False, protected: tuple[Path, ...] = (),
+         in_place: bool = False) -> Path:
+    """Write the pruned model as a standard Hugging Face checkpoint in its save dtype, with its
+    dietprune.json, atomically. `in_place` may convert the model itself to the save dtype (no second
+    copy of the weights); otherwise the model in memory stays as it is."""
     out = Path(out)
     check_output_path(out, overwrite, protected)
     with atomic_dir(out) as tmp:
-        _write_checkpoint(pruned, tmp)
+        _write_checkpoint(pruned, tmp, in_place)
     return out
 
 
-def _write_checkpoint(pruned: Pruned, directory: Path) -> None:
-    pruned.model.save_pretrained(directory)
+def _write_checkpoint(pruned: Pruned, directory: Path, in_place: bool) -> None:
+    model, dtype = pruned.model, pruned.save_dtype
+    state = None
+    if model.dtype != dtype:
+        if in_place and not hasattr(model, "hf_device_map"):
+            model.to(dtype)
+        else:  # a converted copy; tensors shared in the model (a tied head) stay shared
+            converted: dict[int, torch.Tensor] = {}
+            state = {name: converted.setdefault(t.data_ptr(), t.to(dtype)) if t.is_floating_point() else t
+                     for name, t in full_state_dict(model).items()}
+    model.save_pretrained(directory, state_dict=state)
     pruned.tokenizer.save_pretrained(directory)
-    (directory / RECORD).write_text(json.dumps(pruned.record, indent=2) + "\n")
+    record = pruned.record | {"saved_dtype": dtype_name(dtype)}
+    (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def evaluate(model: str | PreTrainedModel | Loaded | Pruned | None = None, tokenizer=None, *,
@@ -290,10 +314,10 @@ def run(model: str | None, out: Path, prune_settings: PruneSettings | None = Non
     pruned_results["model"] = str(out / "pruned")
     summary = {"prune": {k: v for k, v in pruned.record.items() if k != "kept_dims"},
                "dense": dense_results, "pruned": pruned_results, "heldout": list(eval_settings.heldout),
-               "dtype": dtype_name(next(pruned.model.parameters()).dtype)}
+               "dtype": dtype_name(pruned.model.dtype)}
     table = comparison_table(dense_results, pruned_results, tuple(eval_settings.heldout))
     with atomic_dir(out) as tmp:
-        _write_checkpoint(pruned, tmp / "pruned")
+        _write_checkpoint(pruned, tmp / "pruned", in_place=True)  # evaluated: it may change now
         write_json_atomic(tmp / "report.json", summary)
         (tmp / "report.md").write_text(table + "\n")
     return summary | {"table": table}

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from dietprune.device import compute_dtype
+from dietprune.device import compute_dtype, resolve_device
 from dietprune.errors import DietError
 from dietprune.evaluate import dtype_name
 from dietprune.models.edit import count_params, head_dim
@@ -44,29 +44,34 @@ def matmul_flops_per_token(model: nn.Module, context: int, with_head: bool) -> f
     return 2 * linear + attention
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of `fn` after one warm-up (GPU work waited for before the clock stops)."""
+    def timed() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()
+    return statistics.median(timed() for _ in range(repeats))
 
 
 @torch.inference_mode()
-def measure(path: str, repeats: int = 3, dtype: str = "auto") -> dict:
-    """Throughputs and peak RSS of one model (run in a fresh process)."""
+def measure(path: str, repeats: int = 3, dtype: str = "auto", device: str = "auto") -> dict:
+    """Throughputs and peak memory of one model (run in a fresh process)."""
     from dietprune.models.load import load_model
 
-    model, _, _ = load_model(path, dtype=compute_dtype(dtype))
+    where = resolve_device(device)
+    model, _, _ = load_model(path, compute_dtype(dtype, where), where)
     vocab = model.config.vocab_size
-    ids = {b: torch.randint(10, vocab, (b, PROMPT), generator=torch.Generator().manual_seed(b))
+    ids = {b: torch.randint(10, vocab, (b, PROMPT), generator=torch.Generator().manual_seed(b)).to(where)
            for b in (1, 8)}
-    result = {"model": path, "dtype": dtype_name(model.dtype), "hidden_size": model.config.hidden_size,
+    result = {"model": path, "device": str(where), "dtype": dtype_name(model.dtype),
+              "hidden_size": model.config.hidden_size,
               "params": count_params(model)}
     for batch, x in ids.items():
-        seconds = _median_seconds(lambda x=x: model(x, logits_to_keep=1, use_cache=False), repeats)
+        seconds = _median_seconds(lambda x=x: model(x, logits_to_keep=1, use_cache=False), repeats, where)
         result[f"prefill_b{batch}_tok_s"] = batch * PROMPT / seconds
     prompt = ids[1][:, :32]
 
@@ -74,17 +79,20 @@ def measure(path: str, repeats: int = 3, dtype: str = "auto") -> dict:
         model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                        pad_token_id=0)
 
-    result["decode_b1_tok_s"] = NEW_TOKENS / _median_seconds(generate, repeats)
+    result["decode_b1_tok_s"] = NEW_TOKENS / _median_seconds(generate, repeats, where)
     result["prefill_flops_per_token"] = matmul_flops_per_token(model, PROMPT // 2, with_head=False)
     result["decode_flops_per_token"] = matmul_flops_per_token(model, 32 + NEW_TOKENS // 2, with_head=True)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if where.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(where) / 2**20
     return result
 
 
-def measure_in_subprocess(path: str, repeats: int = 3, dtype: str = "auto") -> dict:
-    """`measure` in a fresh Python process, so that its peak RSS is this model's alone."""
+def measure_in_subprocess(path: str, repeats: int = 3, dtype: str = "auto", device: str = "auto") -> dict:
+    """`measure` in a fresh Python process, so that its peak memory is this model's alone."""
     resolve(path)  # a missing or foreign model is refused here, in one line
-    out = subprocess.run([sys.executable, "-m", "dietprune.bench", path, str(repeats), dtype],
+    resolve_device(device)
+    out = subprocess.run([sys.executable, "-m", "dietprune.bench", path, str(repeats), dtype, device],
                          capture_output=True, text=True)
     if out.returncode:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -101,9 +109,10 @@ def speedups(dense: dict, pruned: dict) -> dict:
     return result
 
 
-def bench(dense: str, pruned: str, repeats: int = 3, dtype: str = "auto") -> dict:
+def bench(dense: str, pruned: str, repeats: int = 3, dtype: str = "auto", device: str = "auto") -> dict:
     """Measure both models in subprocesses; speedups measured, ideal (FLOP ratio) and their quotient."""
-    d, p = measure_in_subprocess(dense, repeats, dtype), measure_in_subprocess(pruned, repeats, dtype)
+    d = measure_in_subprocess(dense, repeats, dtype, device)
+    p = measure_in_subprocess(pruned, repeats, dtype, device)
     return {"dense": d, "pruned": p, "speedup": speedups(d, p), "torch_threads": torch.get_num_threads()}
 
 
@@ -120,4 +129,4 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]), sys.argv[3])))
+    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])))

@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers.utils import logging as transformers_logging
 
 from dietprune import progress
+from dietprune.device import init_distributed, memory_guard
 from dietprune.errors import DietError
 from dietprune.methods import REGISTRIES, check_name
 from dietprune.settings import (
@@ -73,6 +74,9 @@ def _settings(command: Command, args: argparse.Namespace) -> dict[type[Settings]
     belong to a registry are checked here too, before anything runs."""
     options = command.options()
     values = read_config(args.config) if args.config else {}
+    if command.model and "model" in values:  # the model a config names, unless one is given
+        configured = str(values.pop("model"))
+        args.model = args.model or configured
     for name in values:
         if name not in options:
             raise DietError(f"config {args.config}: option {name!r} does not apply to diet {args.command}; "
@@ -108,6 +112,7 @@ def cmd_profile(args, settings) -> None:
 
 def cmd_prune(args, settings) -> None:
     from dietprune.api import prune, save
+    from dietprune.calibration import is_main_process
     from dietprune.io import check_output_path
     from dietprune.report import prune_summary, prune_summary_text
 
@@ -116,7 +121,9 @@ def cmd_prune(args, settings) -> None:
     check_output_path(args.out, args.overwrite, protected)
     pruned = prune(args.model, settings=settings[PruneSettings], calibration=settings[CalibrationSettings],
                    runtime=settings[RuntimeSettings], scores=args.scores, in_place=True)
-    save(pruned, args.out, args.overwrite, protected)
+    if not is_main_process():  # data-parallel profiling: every process got the same mask; one saves
+        return
+    save(pruned, args.out, args.overwrite, protected, in_place=True)
     record = pruned.record
     print(json.dumps(prune_summary(record), indent=2) if args.json else prune_summary_text(record))
 
@@ -172,7 +179,8 @@ def cmd_bench(args, settings) -> None:
 
     if args.out:
         check_output_path(args.out, args.overwrite)
-    result = bench(args.dense, args.pruned, settings[BenchSettings].repeats, settings[RuntimeSettings].dtype)
+    runtime = settings[RuntimeSettings]
+    result = bench(args.dense, args.pruned, settings[BenchSettings].repeats, runtime.dtype, runtime.device)
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps(result["speedup"], indent=2) if args.json else table(result))
@@ -270,7 +278,7 @@ def build_parser() -> Parser:
         if name == "prune":
             p.add_argument("--scores", type=Path, help="use this score file instead of profiling")
         p.add_argument("--config", type=Path, help="option values from a YAML or JSON file (or a pruned "
-                       "model's dietprune.json); flags given override it")
+                       "model's dietprune.json), and the model; flags given override it")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
         options = command.options()
         for settings_class in command.groups:
@@ -292,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             transformers_logging.set_verbosity_error()
             transformers_logging.disable_progress_bar()
         command = args.command_spec
-        command.run(args, _settings(command, args))
+        settings = _settings(command, args)
+        init_distributed()
+        with memory_guard(getattr(settings.get(RuntimeSettings), "device", "cpu")):
+            command.run(args, settings)
     except DietError as exc:
         if debug:
             raise

@@ -122,16 +122,16 @@ def _target_logprobs(model, hidden: torch.Tensor, at: torch.Tensor, targets: tor
     in the head's own dtype even under autocast."""
     head = model.get_output_embeddings()
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    hidden = hidden.to(head.weight.dtype)
-    at, targets = at.to(hidden.device), targets.to(hidden.device)
-    out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    hidden = hidden.to(head.weight.dtype if head.weight.device.type != "meta" else hidden.dtype)
+    out = torch.empty(len(targets), dtype=torch.float32)
     for first in range(0, len(hidden), HEAD_CHUNK):
-        with torch.autocast(hidden.device.type, enabled=False):
+        with torch.autocast(hidden.device.type, enabled=False):  # the head where accelerate placed it
             logits = head(hidden[first : first + HEAD_CHUNK]).float()
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        here = (at >= first) & (at < first + HEAD_CHUNK)
-        out[here] = logits.log_softmax(-1)[at[here] - first, targets[here]].to(out.device)
+        here = ((at >= first) & (at < first + HEAD_CHUNK)).cpu()
+        rows, columns = (at.cpu()[here] - first).to(logits.device), targets[here].to(logits.device)
+        out[here] = logits.log_softmax(-1)[rows, columns].cpu()
     return out
 
 

@@ -15,6 +15,11 @@ from pathlib import Path
 from dietprune.errors import DietError
 
 
+def cache_root() -> Path:
+    """The dietprune cache (`$DIETPRUNE_CACHE`, else `~/.cache/dietprune`)."""
+    return Path(os.environ.get("DIETPRUNE_CACHE", Path.home() / ".cache" / "dietprune"))
+
+
 def check_output_path(out: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
     """Refuse an existing output (unless `overwrite`) and any output inside a protected directory."""
     out = out.resolve()
@@ -54,6 +59,8 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # safetensors writes 0600 files: make them like any new file
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
             old = out.with_name(f".{out.name}.{os.getpid()}.old")
             out.rename(old)

@@ -60,50 +60,63 @@ def summarize(per_task: dict[str, dict], settings: dict) -> dict:
     return {"tasks": per_task, "average": average, "settings": settings}
 
 
-def average(cell: dict, tasks: list[str]) -> float:
-    """Mean acc of a result over `tasks` (NaN for a cell whose method did not apply)."""
+METRICS = ("acc", "score")  # score: each task's headline metric, acc_norm where lm-eval reports it
+
+
+def metric_key(result: dict, metric: str) -> str:
+    """The key of `metric` in one task's result: "acc", or "acc_norm" for the score of a task whose
+    lm-eval definition reports it."""
+    return "acc_norm" if metric == "score" and "acc_norm" in result.get("metrics", ()) else "acc"
+
+
+def average(cell: dict, tasks: list[str], metric: str = "acc") -> float:
+    """Mean of `metric` over `tasks` (NaN for a cell whose method did not apply)."""
     if "error" in cell:
         return math.nan
-    return sum(cell["tasks"][t]["acc"] for t in tasks) / len(tasks)
+    return sum(cell["tasks"][t][metric_key(cell["tasks"][t], metric)] for t in tasks) / len(tasks)
 
 
-def average_stderr(cell: dict, tasks: list[str]) -> float:
+def average_stderr(cell: dict, tasks: list[str], metric: str = "acc") -> float:
     """Standard error of the average over tasks (tasks' examples independent)."""
-    return math.sqrt(sum(cell["tasks"][t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks)
+    keys = [metric_key(cell["tasks"][t], metric) + "_stderr" for t in tasks]
+    return math.sqrt(sum(cell["tasks"][t][key] ** 2 for t, key in zip(tasks, keys, strict=True))) / len(tasks)
 
 
-def correct(result: dict, golds: dict[str, int]) -> np.ndarray:
-    """Per example of one task's result: 1.0 where the acc prediction is right (or, for a seed mean,
-    the share of seeds that are right)."""
+def correct(result: dict, golds: dict[str, int], metric: str = "acc") -> np.ndarray:
+    """Per example of one task's result: 1.0 where the `metric` prediction is right (or, for a seed
+    mean, the share of seeds that are right)."""
     if "correct" in result:
         return np.asarray(result["correct"], dtype=float)
-    return (np.array(result["preds"]) == np.array([golds[i] for i in result["ids"]])).astype(float)
+    preds = result["preds_norm" if metric_key(result, metric) == "acc_norm" else "preds"]
+    return (np.array(preds) == np.array([golds[i] for i in result["ids"]])).astype(float)
 
 
-def seed_mean(cells: list[dict], tasks: list[str], golds: dict[str, dict[str, int]]) -> dict:
+def seed_mean(cells: list[dict], tasks: list[str], golds: dict[str, dict[str, int]], metric: str = "acc"
+              ) -> dict:
     """One cell for the mean of several seeds' cells on the same examples: per example, the share of
-    seeds that are right; its acc is the mean acc, its standard error that of the per-example shares."""
+    seeds that are right under `metric`; its value is the mean over seeds, its standard error that of
+    the per-example shares (stored under "acc": the merged cell stands for this one metric)."""
     merged = {}
     for task in tasks:
         ids = cells[0]["tasks"][task]["ids"]
         if any(c["tasks"][task]["ids"] != ids for c in cells):
             raise DietError(f"{task}: the seeds were evaluated on different examples")
-        share = np.mean([correct(c["tasks"][task], golds[task]) for c in cells], axis=0)
+        share = np.mean([correct(c["tasks"][task], golds[task], metric) for c in cells], axis=0)
         merged[task] = {"ids": ids, "correct": share.tolist(), "acc": float(share.mean()),
-                        "acc_stderr": float(share.std(ddof=1) / math.sqrt(len(share)))}
+                        "acc_stderr": float(share.std(ddof=1) / math.sqrt(len(share))), "metrics": ["acc"]}
     return {"tasks": merged, "prune": cells[0]["prune"]}
 
 
-def paired_difference(cell: dict, reference: dict, tasks: list[str], golds: dict[str, dict[str, int]]
-                      ) -> tuple[float, float]:
-    """Average over tasks of (cell acc - reference acc) on the same examples, and its standard error:
-    per-example differences within a task (paired), tasks independent."""
+def paired_difference(cell: dict, reference: dict, tasks: list[str], golds: dict[str, dict[str, int]],
+                      metric: str = "acc") -> tuple[float, float]:
+    """Average over tasks of (cell - reference) in `metric` on the same examples, and its standard
+    error: per-example differences within a task (paired), tasks independent."""
     means, variances = [], []
     for task in tasks:
         mine, theirs = cell["tasks"][task], reference["tasks"][task]
         if mine["ids"] != theirs["ids"]:
             raise DietError(f"{task}: the two cells were evaluated on different examples")
-        diff = correct(mine, golds[task]) - correct(theirs, golds[task])
+        diff = correct(mine, golds[task], metric) - correct(theirs, golds[task], metric)
         means.append(diff.mean())
         variances.append(diff.var(ddof=1) / len(diff))
     return float(np.mean(means)), math.sqrt(sum(variances)) / len(tasks)

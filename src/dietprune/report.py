@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dietprune.metrics import average, average_stderr, paired_difference, seed_mean
+from dietprune.metrics import METRICS, average, average_stderr, metric_key, paired_difference, seed_mean
 from dietprune.tasks import load_examples
 
 
@@ -84,8 +84,14 @@ def prune_summary_text(record: dict) -> str:
 
 
 def tables(results: dict, variants, sparsities, recoveries) -> str:
-    """Markdown in the paper's shape: one block per sparsity, rows = methods, acc per task + averages,
+    """Markdown in the paper's shape, once for acc and once for each task's headline score (acc_norm
+    where lm-eval reports it): one block per sparsity, rows = methods, the metric per task, averages,
     and each method's paired difference to DIET (vote) on the same examples when DIET is in the sweep."""
+    return "\n\n".join(metric_tables(results, variants, sparsities, recoveries, metric) for metric in METRICS)
+
+
+def metric_tables(results: dict, variants, sparsities, recoveries, metric: str) -> str:
+    """The tables of one metric ("acc" or "score")."""
     heldout = results["heldout"]
     profiled = [t for t in results["tasks"] if t not in heldout]
     source = results["cells"]["dense"]["settings"]["source"]
@@ -99,19 +105,23 @@ def tables(results: dict, variants, sparsities, recoveries) -> str:
         if "error" in cell:
             return f"| {label} | – | n/a: {cell['error']} |"
         params = cell.get("prune", {}).get("params_after")
-        accs = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in profiled]
-        held = [f"{100 * cell['tasks'][t]['acc']:.1f}" for t in heldout]
+        values = [f"{100 * cell['tasks'][t][metric_key(cell['tasks'][t], metric)]:.1f}" for t in profiled]
+        held = [f"{100 * cell['tasks'][t][metric_key(cell['tasks'][t], metric)]:.1f}" for t in heldout]
         ppl = f"{cell['perplexity']['perplexity']:.1f}" if "perplexity" in cell else "–"
-        avg = f"**{100 * average(cell, profiled):.1f}** ± {100 * average_stderr(cell, profiled):.1f} | "
+        avg = (f"**{100 * average(cell, profiled, metric):.1f}** ± "
+               f"{100 * average_stderr(cell, profiled, metric):.1f} | ")
         if versus:
-            usable = reference is not None and "error" not in reference and reference is not cell
-            delta, err = paired_difference(cell, reference, profiled, golds) if usable else (None, None)
-            avg += f"{100 * delta:+.1f} ± {100 * err:.1f} | " if usable else "– | "
-        return (f"| {label} | {f'{params / 1e6:.1f}M' if params else 'dense'} | " + " | ".join(accs)
+            if reference is not None and "error" not in reference and reference is not cell:
+                delta, err = paired_difference(cell, reference, profiled, golds, metric)
+                avg += f"{100 * delta:+.1f} ± {100 * err:.1f} | "
+            else:
+                avg += "– | "
+        return (f"| {label} | {f'{params / 1e6:.1f}M' if params else 'dense'} | " + " | ".join(values)
                 + f" | {avg}" + " | ".join(held) + f" | {ppl} |")
 
-    blocks = [f"acc (%), {results['limit']} examples per task (fewer where the split, after calibration, "
-              "has fewer); avg ± its standard error"
+    name = "acc" if metric == "acc" else "score (acc_norm where lm-eval reports it, else acc)"
+    blocks = [f"## {name}\n", f"{name} (%), {results['limit']} examples per task (fewer where the split, "
+              "after calibration, has fewer); avg ± its standard error"
               + ("; avg - diet: paired difference to DIET on the same examples ± its standard error" if versus
                  else "")
               + "; held-out tasks are never profiled; ppl = perplexity on 256 held-out LAMBADA passages.\n",
@@ -128,7 +138,7 @@ def tables(results: dict, variants, sparsities, recoveries) -> str:
                      if v.startswith("random-")]
             if len(seeds) > 1 and not any("error" in c for c in seeds):
                 blocks.append(row(f"random, mean of {len(seeds)} seeds{suffix}",
-                                  seed_mean(seeds, profiled + heldout, golds), reference))
+                                  seed_mean(seeds, profiled + heldout, golds, metric), reference))
         blocks.append("")
     return "\n".join(blocks)
 

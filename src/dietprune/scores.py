@@ -16,8 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dietprune.calibration import Corpus, is_main_process
+from dietprune.device import cpu_tensors
 from dietprune.errors import DietError
-from dietprune.models.load import cache_root
+from dietprune.io import cache_root
 from dietprune.profile import ActivationStats, profile
 from dietprune.settings import CalibrationSettings
 from dietprune.version import __version__
@@ -59,13 +60,14 @@ def load_scores(path: Path) -> tuple[dict[str, ActivationStats], dict]:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short sha256 of the config and of every tensor's name and bytes (~1 s per GB)."""
+    """A short sha256 of the config and of every tensor's name and bytes (~1 s per GB; offloaded
+    modules are read one at a time)."""
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
+    for name, tensor in cpu_tensors(model):
         digest.update(name.encode())
-        digest.update(memoryview(tensor.detach().contiguous().cpu().view(torch.uint8).numpy()))
+        digest.update(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
 
 

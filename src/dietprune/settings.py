@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import typing
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -28,16 +29,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def option(default, help: str, *, choices: tuple[str, ...] | None = None, registry: str | None = None,
-           minimum: float | None = None, maximum: float | None = None, exclusive: bool = False,
-           none: str | None = None, empty: bool = False, metavar: str | None = None,
+           pattern: str | None = None, minimum: float | None = None, maximum: float | None = None,
+           exclusive: bool = False, none: str | None = None, empty: bool = False, metavar: str | None = None,
            per_cell: str | None = None):
     """A settings field. `choices`: the values it takes; `registry`: it takes the names of a registry of
     `dietprune.methods` ("methods" or "variants"), checked where names are looked up there (this module
     sits below the methods and does not import them); `minimum`/`maximum` bound numbers (each element of
     a tuple), open if `exclusive`; `none` is the word that stands for None (`--limit all`); `empty`: a
-    tuple may be empty; `per_cell` (sweep axes): the prune option this one sets per sweep cell."""
-    meta = dict(help=help, choices=choices, registry=registry, minimum=minimum, maximum=maximum,
-                exclusive=exclusive, none=none, empty=empty, metavar=metavar, per_cell=per_cell)
+    tuple may be empty; `per_cell` (sweep axes): the prune option this one sets per sweep cell;
+    `pattern`: a regular expression the whole value matches."""
+    meta = dict(help=help, choices=choices, registry=registry, pattern=pattern, minimum=minimum,
+                maximum=maximum, exclusive=exclusive, none=none, empty=empty, metavar=metavar,
+                per_cell=per_cell)
     return field(default=default, metadata=meta)
 
 
@@ -79,6 +82,8 @@ def _check(f, hint, value) -> None:
             raise DietError(f"{name} must be {domain(f, element)}, got {item!r}")
         if meta["choices"] is not None and item not in meta["choices"]:
             raise DietError(f"{name}: unknown value {item!r}; choose one of {', '.join(meta['choices'])}")
+        if meta["pattern"] is not None and not re.fullmatch(meta["pattern"], item):
+            raise DietError(f"{name}: unknown value {item!r}; {meta['help']}")
         low, high = meta["minimum"], meta["maximum"]
         if low is None and high is None:
             continue
@@ -186,11 +191,19 @@ class EvalSettings(Settings):
 
 @dataclass(frozen=True)
 class RuntimeSettings(Settings):
-    """Where the computation runs."""
+    """Where the computation runs, in which dtype, and the dtype a pruned checkpoint is saved in."""
 
     title = "runtime"
 
-    dtype: str = option("auto", "compute dtype the model is loaded in (auto: float32)", choices=DTYPES)
+    device: str = option("auto", "auto (CUDA when there is a GPU, else CPU), cpu, cuda or cuda:N",
+                         pattern=r"auto|cpu|cuda(:\d+)?", metavar="DEVICE")
+    dtype: str = option("auto", "compute dtype the model is loaded in (auto: bfloat16 on a GPU, float32 on "
+                        "the CPU)", choices=DTYPES)
+    device_map: str | None = option(None, "let accelerate place the model over every GPU, then CPU memory "
+                                    "and disk (for models larger than one device)", none="none",
+                                    choices=("auto", "balanced", "sequential"), metavar="MAP|none")
+    save_dtype: str = option("auto", "dtype of the saved checkpoint (auto: the dtype the source stores)",
+                             choices=DTYPES)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import math
 import torch
 from transformers import PreTrainedModel
 
+from dietprune.device import full_state_dict
 from dietprune.errors import DietError
 from dietprune.models.adapters import Adapter, adapter_for
 from dietprune.models.edit import edited_config, rebuild
@@ -65,11 +66,12 @@ def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor, in_place: bool
                       ) -> dict[str, torch.Tensor]:
     """The state dict of `model` with only hidden dimensions `keep` (ascending), compensated to match the
     mask. `in_place` writes each sliced matrix over the front of the dense one's memory (no second copy
-    of the weights; `model` is unusable afterwards)."""
+    of the weights; `model` is unusable afterwards). Weights accelerate offloaded are read into CPU
+    memory first (see `full_state_dict`)."""
     adapter = adapter_for(model.config)
     roles = _roles(model, len(keep))
     state, done = {}, {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in full_state_dict(model).items():
         module, _, kind = name.rpartition(".")
         role, scale = roles.get(module, (None, 1.0))
         key = (tensor.data_ptr(), tensor.shape, role, kind, scale)  # tied weights are sliced once

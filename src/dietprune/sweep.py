@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from dietprune.api import Loaded, evaluate, load, prune, settings_for
-from dietprune.device import compute_dtype
+from dietprune.device import compute_dtype, resolve_device
 from dietprune.errors import DietError
 from dietprune.evaluate import dtype_name
 from dietprune.io import read_json, write_json_atomic
@@ -49,7 +49,8 @@ def sweep(model: str | None, out: Path, axes: SweepSettings, base: PruneSettings
     if fresh and cells_dir.exists():
         shutil.rmtree(cells_dir)
     cells_dir.mkdir(parents=True, exist_ok=True)
-    check_cells(cells_dir, eval_settings.limit, dtype_name(compute_dtype(runtime.dtype)),
+    dtype = compute_dtype(runtime.dtype, resolve_device(runtime.device))
+    check_cells(cells_dir, eval_settings.limit, dtype_name(dtype),
                 {name: calibrated for name, (_, calibrated) in plan.items()})
     dense: list[Loaded] = []  # loaded on first need: a finished sweep re-renders without the model
 

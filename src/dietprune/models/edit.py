@@ -49,6 +49,9 @@ def rebuild(config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTr
     without copies: parameters start on "meta" and are assigned the given tensors."""
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are built from the config
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # a tensor made under inference mode (accelerate onloads offloaded weights as such) cannot become a
+    # Parameter: those few are copied
+    state = {name: t.clone() if t.is_inference() else t for name, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()

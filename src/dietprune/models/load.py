@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
-import os
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +19,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from dietprune.device import check_fits, offload_folder
 from dietprune.errors import DietError
-from dietprune.io import atomic_dir
+from dietprune.io import atomic_dir, cache_root
 from dietprune.models.edit import rebuild
 
 log = logging.getLogger(__name__)
@@ -55,11 +58,6 @@ class ModelSource:
     path: str
 
 
-def cache_root() -> Path:
-    """The dietprune cache (`$DIETPRUNE_CACHE`, else `~/.cache/dietprune`)."""
-    return Path(os.environ.get("DIETPRUNE_CACHE", Path.home() / ".cache" / "dietprune"))
-
-
 def resolve(spec: str | None) -> ModelSource:
     """Turn a model argument into a loadable HF directory or hub id, converting GGUF once if needed."""
     spec = spec or DEFAULT_MODEL
@@ -86,35 +84,75 @@ def resolve(spec: str | None) -> ModelSource:
                     f"or one of {sorted(EMBEDDED_MODELS)}")
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False) -> tuple[PreTrainedModel, object, ModelSource]:
-    """Load (model, tokenizer, source) in eval mode on the CPU.
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               device_map: str | None = None) -> tuple[PreTrainedModel, object, ModelSource]:
+    """Load (model, tokenizer, source) in eval mode: straight onto `device`, or dispatched by accelerate
+    (`device_map`, e.g. "auto": the GPUs, then CPU memory, then disk under the cache). A model that
+    does not fit the device is refused before loading, with what it needs.
 
     Also flushes denormal floats to zero for the process: Gemma's activations produce denormals that
     make fp32 CPU matmuls ~5x slower (measured on this machine), for changes below 1e-38.
     """
     torch.set_flush_denormal(True)
+    device = torch.device(device)
     source = resolve(spec)
     local = Path(source.path)
     if local.is_dir() and not any(local.glob("*.safetensors")):
         raise DietError(f"{local} has no .safetensors weights; dietprune never unpickles .bin files "
                         "(re-save the model with save_pretrained(..., safe_serialization=True))")
-    try:  # safetensors only: weights are never unpickled
+    if device_map is None and local.is_dir():
+        check_fits(source.name, weight_bytes(local, dtype), dtype, device)
+    if device_map is not None:
+        placement = {"device_map": device_map, "offload_folder": str(offload_folder())}
+    else:  # straight to the device, without a first copy in host memory (none needed on the CPU)
+        placement = {"device_map": {"": str(device)}} if device.type != "cpu" else {}
+    try:  # safetensors only: weights are never unpickled, and trust_remote_code is never enabled
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+                                                     **placement)
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, damaged, incomplete
         raise DietError(f"cannot load model {spec}: {str(exc).strip().splitlines()[0]}") from exc
     model.eval()
     return model, tokenizer, source
 
 
-def load_config(source: ModelSource):
-    """The model's config, without loading weights."""
-    try:
-        return AutoConfig.from_pretrained(source.path)
-    except (OSError, ValueError) as exc:
-        raise DietError(f"cannot read the config of {source.name}: {str(exc).splitlines()[0]}") from exc
+def weight_bytes(directory: Path, dtype: torch.dtype) -> int:
+    """Bytes the checkpoint's tensors take in `dtype` (floating ones) or as stored (the rest), from the
+    safetensors headers alone."""
+    total = 0
+    for path in directory.glob("*.safetensors"):
+        try:
+            with path.open("rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (OSError, ValueError, struct.error) as exc:
+            raise DietError(f"cannot load model {directory}: {path.name} has a damaged header "
+                            f"({exc})") from exc
+        for name, tensor in header.items():
+            if name == "__metadata__":
+                continue
+            numel = math.prod(tensor["shape"])
+            floating = tensor["dtype"] in ("F64", "F32", "F16", "BF16")
+            start, end = tensor["data_offsets"]
+            total += numel * dtype.itemsize if floating else end - start
+    return total
+
+
+SOURCE_RECORD = "dietprune-source.json"  # beside a converted GGUF: what the GGUF stored
+
+
+def stored_dtype(model_path: str) -> torch.dtype:
+    """The dtype a checkpoint stores: for a converted GGUF what the GGUF held (see `_convert_gguf`),
+    else what its config.json records (float32 when it does not say). Read from the files: a loaded
+    model's config says the dtype it was loaded in."""
+    local = Path(model_path)
+    if (local / SOURCE_RECORD).is_file():
+        return getattr(torch, json.loads((local / SOURCE_RECORD).read_text())["stored_dtype"])
+    if (local / "config.json").is_file():
+        config = json.loads((local / "config.json").read_text())
+    else:  # a hub id: its config, as transformers fetched and cached it
+        config = AutoConfig.from_pretrained(model_path).to_dict()
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(dtype).removeprefix("torch."))
 
 
 def _file_digest(path: Path) -> str:
@@ -126,9 +164,11 @@ def _file_digest(path: Path) -> str:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF file into a standard safetensors directory (done once, then cached)."""
+    """Dequantize a GGUF file into a standard safetensors directory (done once, then cached). The weights
+    are kept in float32, the exact dequantized values; the dtype the GGUF stores (bfloat16 for quantized
+    tensors) is recorded beside them, as the dtype pruned models of it are saved in."""
     log.warning("converting %s to %s (once; about a minute)", gguf.name, target)
-    _check_gguf_types(gguf)
+    stored = _check_gguf_types(gguf)
     try:
         quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                          dtype=torch.float32)
@@ -142,10 +182,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": gguf.name, "stored_dtype": stored}) + "\n")
 
 
-def _check_gguf_types(gguf: Path) -> None:
-    """Refuse, before the slow load, a GGUF file holding a tensor type that cannot be dequantized."""
+def _check_gguf_types(gguf: Path) -> str:
+    """Refuse, before the slow load, a GGUF file holding a tensor type that cannot be dequantized.
+    Returns the dtype it stores: bfloat16 if any tensor is quantised, else the type of most bytes."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGUFReader, dequantize
 
@@ -160,3 +202,10 @@ def _check_gguf_types(gguf: Path) -> None:
             name = next(t.name for t in tensors if t.tensor_type == kind)
             raise DietError(f"GGUF {gguf.name}: tensor {name} is quantised as {kind.name}, which cannot "
                             "be dequantized; convert the model to F16 or a K-quant (e.g. Q4_K_M)") from None
+    plain = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    if any(t.tensor_type.name not in plain for t in tensors):
+        return "bfloat16"
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        by_type[plain[t.tensor_type.name]] = by_type.get(plain[t.tensor_type.name], 0) + int(t.n_bytes)
+    return max(by_type, key=by_type.get)

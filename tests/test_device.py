@@ -1,0 +1,211 @@
+"""Placement on the CPU path: device and dtype choices, the saved dtype, models that do not fit,
+running out of memory, accelerate-dispatched (offloaded) models and data-parallel profiling."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAST_PROFILE, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import dietprune
+from dietprune.cli import main
+from dietprune.device import compute_dtype, resolve_device
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+
+def header_dtypes(path) -> set[str]:
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return {t["dtype"] for name, t in header.items() if name != "__metadata__"}
+
+
+def test_auto_is_the_cpu_in_float32_here_and_bfloat16_on_a_gpu():
+    assert not torch.cuda.is_available()  # CI and this test: no GPU
+    assert resolve_device("auto") == torch.device("cpu")
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    assert compute_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert compute_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_one_line(device, tiny_dir, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"diet: error: --device {device}: no CUDA device is available here (torch sees none); " \
+                  "use --device cpu or auto"
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_checkpoint_keeps_the_dtype_its_source_stores(tmp_path):
+    """A bfloat16 source gives a bfloat16 checkpoint (about (1 - s) x its bytes), whatever the compute
+    dtype; --save-dtype overrides."""
+    source = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    assert main(["prune", "--model", str(source), "--out", str(tmp_path / "a"), "--sparsity", "0.25",
+                 *FAST_PROFILE]) == 0
+    record = json.loads((tmp_path / "a" / "dietprune.json").read_text())
+    assert record["saved_dtype"] == "bfloat16" and record["settings"]["dtype"] == "auto"
+    assert header_dtypes(tmp_path / "a" / "model.safetensors") == {"BF16"}
+    sizes = [(path / "model.safetensors").stat().st_size for path in (tmp_path / "a", source)]
+    assert 0.74 < sizes[0] / sizes[1] < 0.78  # 36 of 48 dims: 0.75, plus the norms and the header
+    assert main(["prune", "--model", str(source), "--out", str(tmp_path / "b"), "--sparsity", "0.25",
+                 "--save-dtype", "float32", *FAST_PROFILE]) == 0
+    assert header_dtypes(tmp_path / "b" / "model.safetensors") == {"F32"}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "a").dtype == torch.bfloat16
+    assert oct((tmp_path / "a" / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_saving_a_copy_in_another_dtype_leaves_the_model_in_memory_alone(tmp_path):
+    model, tokenizer = tiny_model("gemma3_text"), tiny_tokenizer()
+    pruned = dietprune.prune(model, tokenizer, sparsity=0.25, samples=4, tasks=("rte",),
+                             save_dtype="bfloat16")
+    before = {k: v.clone() for k, v in pruned.model.state_dict().items()}
+    dietprune.save(pruned, tmp_path / "p")
+    assert all(torch.equal(before[k], v) for k, v in pruned.model.state_dict().items())
+    assert pruned.model.dtype == torch.float32
+    assert header_dtypes(tmp_path / "p" / "model.safetensors") == {"BF16"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight  # still tied
+
+
+def test_gguf_records_the_dtype_it_stores(tmp_path):
+    import gguf
+    import numpy as np
+
+    from dietprune.models.load import _check_gguf_types
+
+    def write(name: str, kinds: list) -> object:
+        path = tmp_path / name
+        writer = gguf.GGUFWriter(str(path), "llama")
+        for i, kind in enumerate(kinds):
+            data = np.zeros(64, dtype=np.float32) if kind is None else \
+                np.zeros(gguf.GGML_QUANT_SIZES[kind][1], dtype=np.uint8)
+            writer.add_tensor(f"t{i}", data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    assert _check_gguf_types(write("f32.gguf", [None])) == "float32"
+    assert _check_gguf_types(write("q8.gguf", [None, gguf.GGMLQuantizationType.Q8_0])) == "bfloat16"
+
+
+def test_a_model_larger_than_the_device_is_refused_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+    import dietprune.device
+
+    monkeypatch.setattr(dietprune.device, "free_memory", lambda device: 1000)
+    capsys.readouterr()
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs 0.0 GiB for its weights in float32 and cpu (host memory) has 0.0 GiB free" in err
+    assert "--device-map auto" in err and "\n" not in err and not (tmp_path / "o").exists()
+
+
+def test_running_out_of_memory_mid_run_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    import dietprune.scores
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(dietprune.scores, "profile", out_of_memory)
+    capsys.readouterr()
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST_PROFILE]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diet: error: out of memory on auto (CUDA out of memory. Tried to allocate "
+                          "2.00 GiB)")
+    assert "--batch-size" in err and "\n" not in err and not (tmp_path / "o").exists()
+
+
+def offloaded(tmp_path, model_type: str = "gemma3_text"):
+    """A tiny model dispatched by accelerate with two of its three layers offloaded to disk."""
+    path = tmp_path / "dense"
+    tiny_model(model_type).save_pretrained(path)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map,
+                                                 offload_folder=tmp_path / "offload").eval()
+    assert any(p.device.type == "meta" for p in model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("recover", ["none", "lsq"])
+def test_an_offloaded_model_prunes_to_the_same_checkpoint(recover, tmp_path):
+    options = dict(sparsity=0.25, samples=4, tasks=("arc_easy", "rte"), recover=recover, recover_samples=2)
+    expected = dietprune.prune(tiny_model("gemma3_text"), tiny_tokenizer(), **options)
+    got = dietprune.prune(offloaded(tmp_path), tiny_tokenizer(), **options)
+    assert got.record["kept_dims"] == expected.record["kept_dims"]
+    dietprune.save(expected, tmp_path / "expected")
+    dietprune.save(got, tmp_path / "got")
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / n).state_dict() for n in ("expected", "got"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), recover
+
+
+def test_device_map_auto_on_the_cpu_gives_the_same_model(tiny_dir, tmp_path):
+    for name, extra in (("plain", []), ("mapped", ["--device-map", "auto"])):
+        assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / name), *FAST_PROFILE,
+                     *extra]) == 0
+    weights = [(tmp_path / n / "model.safetensors").read_bytes() for n in ("plain", "mapped")]
+    assert weights[0] == weights[1]
+
+
+def test_torchrun_profiles_data_parallel_like_one_process(tiny_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m dietprune.cli profile` (gloo here, NCCL on GPUs): each process
+    profiles every second text, the sums are all-reduced, one process writes the same scores."""
+    single = tmp_path / "single.safetensors"
+    assert main(["profile", "--model", str(tiny_dir), "--out", str(single), *FAST_PROFILE]) == 0
+    double = tmp_path / "double.safetensors"
+    env = os.environ | {"DIETPRUNE_CACHE": str(tmp_path / "cache2"), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "dietprune.cli", "--quiet", "profile",
+                          "--model", str(tiny_dir), "--out", str(double), *FAST_PROFILE],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from dietprune.scores import load_scores
+
+    (one, meta_one), (two, meta_two) = load_scores(single), load_scores(double)
+    assert meta_one["tasks"] == meta_two["tasks"]  # the same samples, tokens counted over both shards
+    for task in one:
+        assert two[task].tokens == one[task].tokens
+        assert torch.allclose(two[task].sum_abs, one[task].sum_abs, rtol=1e-5)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_paper_config_is_a_valid_sweep(tiny_dir, tmp_path):
+    """configs/paper-gemma-2-2b.yaml parses as `diet sweep` options; with the model, tasks and size
+    overridden on the command line, its building blocks run on a tiny model."""
+    from pathlib import Path
+
+    config = Path(__file__).parent.parent / "configs" / "paper-gemma-2-2b.yaml"
+    out = tmp_path / "paper"
+    assert main(["--quiet", "sweep", "--config", str(config), "--model", str(tiny_dir), "--out", str(out),
+                 "--methods", "diet", "magnitude", "--sparsities", "0.25", "--limit", "2", "--data-source",
+                 "offline", "--no-perplexity", *FAST_PROFILE]) == 0
+    table = (out / "results.md").read_text()
+    assert "## acc\n" in table and "## score (acc_norm where lm-eval reports it, else acc)" in table
+    assert table.count("| magnitude | ") == 2 and "avg - diet" in table
