@@ -26,7 +26,7 @@ from dietprune.evaluate import score_examples, select_examples
 from dietprune.lm_eval_bridge import lm_eval_loglikelihoods
 from dietprune.metrics import task_result
 from dietprune.models.load import load_model
-from dietprune.tasks import DEFAULT_TASKS
+from dietprune.tasks import DEFAULT_TASKS, task_metrics
 
 
 def agreement(examples, ours, theirs, tie_tol: float) -> dict:
@@ -68,11 +68,11 @@ def main() -> None:
     for task in args.tasks.split(","):
         examples = select_examples(task, args.limit)
         cpu = time.process_time()
-        theirs, reported, lm_seconds = lm_eval_loglikelihoods(
+        theirs, _, reported, lm_seconds = lm_eval_loglikelihoods(
             model, tokenizer, {task: examples}, args.batch_size
         )
         lm_cpu = time.process_time() - cpu
-        ref = task_result(examples, theirs[task])
+        ref = task_result(examples, theirs[task], task_metrics(task))
         row = {
             "n": len(examples),
             "lm_eval_seconds": lm_seconds[task],
@@ -85,7 +85,7 @@ def main() -> None:
             start, cpu = time.perf_counter(), time.process_time()
             ours = score_examples(ours_model, tokenizer, examples, args.our_batch_size)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-            res = task_result(examples, ours)
+            res = task_result(examples, ours, task_metrics(task))
             mine = row["ours"][name] = {
                 "seconds": seconds,
                 "examples_per_s": len(examples) / seconds,

@@ -65,8 +65,9 @@ def _model(kind: str, vocab: int, attn: str = "sdpa"):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
-def _naive(model, tokenizer, requests) -> list[float]:
-    """lm-eval's HF recipe: encode whole and context, split, full forward, full-vocab log-softmax."""
+def _naive(model, tokenizer, requests, greedy: bool = False) -> list:
+    """lm-eval's HF recipe: encode whole and context, split, full forward, full-vocab log-softmax;
+    with `greedy`, (loglikelihood, is_greedy) pairs."""
     out = []
     for context, continuation in requests:
         n = len(context) - len(context.rstrip())
@@ -75,7 +76,9 @@ def _naive(model, tokenizer, requests) -> list[float]:
         cont = tokenizer.encode(context + continuation)[len(ctx) :]
         with torch.no_grad():
             logprobs = model(torch.tensor([ctx + cont])).logits[0].float().log_softmax(-1)
-        out.append(sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        ll = sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+        is_greedy = all(logprobs[len(ctx) - 1 + i].argmax().item() == t for i, t in enumerate(cont))
+        out.append((ll, is_greedy) if greedy else ll)
     return out
 
 
@@ -91,9 +94,10 @@ def test_encode_pair_moves_trailing_space(tokenizer):
 def test_loglikelihoods_match_naive(tokenizer, kind, attn, batch_size):
     model = _model(kind, len(tokenizer), attn)
     expected = _naive(model, tokenizer, REQUESTS)
-    got = loglikelihoods(model, tokenizer, REQUESTS, batch_size=batch_size)
+    got, greedy = loglikelihoods(model, tokenizer, REQUESTS, batch_size=batch_size)
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4
     assert max(expected) - min(expected) > 5  # the check has power: scores differ widely
+    assert greedy == [g for _, g in _naive(model, tokenizer, REQUESTS, greedy=True)]
     rows = _build_rows(model, _encode_requests(tokenizer, REQUESTS))
     shared = sorted(len(r.scored) for r in rows if r.positions is not None)
     assert shared == ([2, 3] if kind == "gemma3" else [2, 2, 3])  # Gemma's long rows: plain
@@ -102,8 +106,8 @@ def test_loglikelihoods_match_naive(tokenizer, kind, attn, batch_size):
 
 def test_bfloat16_autocast_is_close(tokenizer):
     model = _model("llama", len(tokenizer))
-    exact = loglikelihoods(model, tokenizer, REQUESTS)
-    fast = loglikelihoods(model, tokenizer, REQUESTS, dtype=torch.bfloat16)
+    exact = loglikelihoods(model, tokenizer, REQUESTS)[0]
+    fast = loglikelihoods(model, tokenizer, REQUESTS, dtype=torch.bfloat16)[0]
     assert fast != exact
     assert fast == pytest.approx(exact, rel=0.05)
 
@@ -165,7 +169,7 @@ def test_same_predictions_as_lm_eval_on_embedded_model():
 
     model, tokenizer, _ = load_model(None)
     examples = {task: select_examples(task, 6) for task in ("arc_easy", "winogrande", "boolq", "hellaswag")}
-    theirs, _, _ = lm_eval_loglikelihoods(model, tokenizer, examples, batch_size=8)
+    theirs = lm_eval_loglikelihoods(model, tokenizer, examples, batch_size=8)[0]
     for task, exs in examples.items():
         for ex, ours, ref in zip(exs, score_examples(model, tokenizer, exs), theirs[task], strict=True):
             assert ours == pytest.approx(ref, abs=1e-3)
@@ -173,3 +177,22 @@ def test_same_predictions_as_lm_eval_on_embedded_model():
             (pred, pred_norm), (ref_pred, ref_norm) = predictions(ex, ours), predictions(ex, ref)
             assert pred == ref_pred or abs(ref[pred] - ref[ref_pred]) < 1e-4, (task, ex.id)
             assert pred_norm == ref_norm or abs(norm[pred_norm] - norm[ref_norm]) < 1e-4, (task, ex.id)
+
+
+def test_greedy_continuations_are_recognised():
+    """A continuation made of the model's own argmax tokens is greedy; changing its last token is not.
+    (A word-level tokenizer whose every id is a word, so token ids and strings convert both ways.)"""
+    from conftest import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    context = "Question: is the a ? Answer:"
+    ids = tokenizer.encode(context)
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    words = tokenizer.convert_ids_to_tokens(ids[-3:])
+    changed = words[:2] + ["yes" if words[2] != "yes" else "no"]
+    requests = [(context, " " + " ".join(words)), (context, " " + " ".join(changed))]
+    lls, greedy = loglikelihoods(model, tokenizer, requests)
+    assert greedy == [g for _, g in _naive(model, tokenizer, requests, greedy=True)] == [True, False]

@@ -70,35 +70,44 @@ def test_paired_difference_counts_the_same_examples():
     from dietprune.errors import DietError
     from dietprune.metrics import paired_difference
 
-    golds = {"a": {"0": 0, "1": 1, "2": 1, "3": 0}, "b": {"0": 1, "1": 1}}
-    reference = {"tasks": {"a": {"ids": ["0", "1", "2", "3"], "preds": [0, 0, 0, 0]},  # 2 of 4 right
-                           "b": {"ids": ["0", "1"], "preds": [1, 1]}}}  # 2 of 2
-    cell = {"tasks": {"a": {"ids": ["0", "1", "2", "3"], "preds": [0, 1, 1, 0]},  # 4 of 4
-                      "b": {"ids": ["0", "1"], "preds": [0, 1]}}}  # 1 of 2
-    delta, err = paired_difference(cell, reference, ["a", "b"], golds)
+    reference = {"tasks": {"a": {"ids": ["0", "1", "2", "3"], "correct": [1, 0, 0, 1]},  # 2 of 4 right
+                           "b": {"ids": ["0", "1"], "correct": [1, 1]}}}  # 2 of 2
+    cell = {"tasks": {"a": {"ids": ["0", "1", "2", "3"], "correct": [1, 1, 1, 1]},  # 4 of 4
+                      "b": {"ids": ["0", "1"], "correct": [0, 1]}}}  # 1 of 2
+    delta, err = paired_difference(cell, reference, ["a", "b"])
     assert delta == pytest.approx((0.5 - 0.5) / 2)
     # per-example differences: a = [0, 1, 1, 0] (var 1/3, n 4), b = [-1, 0] (var 1/2, n 2)
     assert err == pytest.approx(((1 / 3) / 4 + (1 / 2) / 2) ** 0.5 / 2)
     cell["tasks"]["b"]["ids"] = ["1", "0"]
     with pytest.raises(DietError, match="different examples"):
-        paired_difference(cell, reference, ["a", "b"], golds)
+        paired_difference(cell, reference, ["a", "b"])
+
+
+def test_paired_difference_of_the_headline_score_uses_acc_norm_where_reported():
+    from dietprune.metrics import paired_difference
+
+    def result(correct, norm):
+        return {"ids": ["0", "1"], "metrics": ["acc", "acc_norm"], "correct": correct, "correct_norm": norm}
+
+    cell, reference = {"tasks": {"a": result([1, 1], [0, 0])}}, {"tasks": {"a": result([0, 0], [1, 1])}}
+    assert paired_difference(cell, reference, ["a"], "acc")[0] == pytest.approx(1.0)
+    assert paired_difference(cell, reference, ["a"], "score")[0] == pytest.approx(-1.0)
 
 
 def test_seed_mean_averages_correctness_per_example():
     from dietprune.errors import DietError
     from dietprune.metrics import paired_difference, seed_mean
 
-    golds = {"a": {"0": 0, "1": 1, "2": 1, "3": 0}}
     ids = ["0", "1", "2", "3"]
-    seeds = [{"tasks": {"a": {"ids": ids, "preds": [0, 1, 0, 1]}}, "prune": {"params_after": 7}},  # 1 1 0 0
-             {"tasks": {"a": {"ids": ids, "preds": [0, 0, 0, 0]}}, "prune": {"params_after": 7}}]  # 1 0 0 1
-    mean = seed_mean(seeds, ["a"], golds)
+    seeds = [{"tasks": {"a": {"ids": ids, "correct": [1, 1, 0, 0]}}, "prune": {"params_after": 7}},
+             {"tasks": {"a": {"ids": ids, "correct": [1, 0, 0, 1]}}, "prune": {"params_after": 7}}]
+    mean = seed_mean(seeds, ["a"])
     assert mean["tasks"]["a"]["correct"] == [1.0, 0.5, 0.0, 0.5]
     assert mean["tasks"]["a"]["acc"] == pytest.approx(0.5)
     assert mean["tasks"]["a"]["acc_stderr"] == pytest.approx((0.5 / 3) ** 0.5 / 2)
-    reference = {"tasks": {"a": {"ids": ids, "preds": [1, 1, 1, 1]}}}  # 0 1 1 0
-    delta, _ = paired_difference(mean, reference, ["a"], golds)
+    reference = {"tasks": {"a": {"ids": ids, "correct": [0, 1, 1, 0]}}}
+    delta, _ = paired_difference(mean, reference, ["a"])
     assert delta == pytest.approx(0.0)  # [1, -0.5, -1, 0.5]
     seeds[1]["tasks"]["a"]["ids"] = ids[::-1]
     with pytest.raises(DietError, match="different examples"):
-        seed_mean(seeds, ["a"], golds)
+        seed_mean(seeds, ["a"])

@@ -33,7 +33,7 @@ from dietprune.models.adapters import adapter_for
 from dietprune.models.edit import count_params
 from dietprune.models.load import load_model, stored_dtype
 from dietprune.profile import ActivationStats
-from dietprune.report import comparison_table
+from dietprune.report import run_report
 from dietprune.scores import load_scores
 from dietprune.settings import (
     CalibrationSettings,
@@ -45,6 +45,7 @@ from dietprune.settings import (
     route,
 )
 from dietprune.slice import slice_model, sliced_param_count
+from dietprune.tasks.sources import pinned
 from dietprune.version import __version__
 
 RECORD = "dietprune.json"
@@ -166,9 +167,11 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
                         f"not {d}; profile this model")
     context = Context(dense, loaded.tokenizer, calibration)
     params_before = count_params(dense)
+    pinned_sources = [pinned(spec) for spec in calibration.calibration]  # rebuilds refuse changed files
     record = {"format": FORMAT, "source_model": loaded.name, "hidden_size_before": d,
               "params_before": params_before,
-              "settings": calibration.to_dict() | settings.to_dict() | runtime.to_dict(),
+              "settings": calibration.to_dict() | {"calibration": pinned_sources} | settings.to_dict()
+              | runtime.to_dict(),
               "kept_width_step": step}
     if method.kind == "structural":
         target = sliced_param_count(dense, k)
@@ -186,8 +189,8 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
         # recovery needs the dense model beside the sliced one; otherwise slice in the dense model's memory
         pruned = slice_model(dense, keep, in_place=in_place and settings.recover == "none")
         record |= {"kept_dims": keep.tolist(), "task_agreement": agreement_by_task}
-        if settings.recover == "lsq":
-            record["recovery"] = _recover(dense, pruned, context, settings)
+        if settings.recover != "none":
+            record["recovery"] = _recover(dense, pruned, keep, context, settings)
     if hasattr(dense, "hf_device_map"):  # dispatched by accelerate: the pruned model is placed alike
         pruned = place_like(pruned, dense, runtime.device_map or "auto")
     save_dtype = loaded.stored_dtype if runtime.save_dtype == "auto" else getattr(torch, runtime.save_dtype)
@@ -217,9 +220,9 @@ def _merged_names(names: list[str], merge_tasks: tuple[str, ...]) -> list[str]:
     return [n for n in names if n in merge_tasks]
 
 
-def _recover(dense, sliced, context: Context, settings: PruneSettings) -> dict:
-    """Refit the sliced model's readers on the first calibration samples of each task; record them."""
-    from dietprune.recover import recover
+def _recover(dense, sliced, keep: torch.Tensor, context: Context, settings: PruneSettings) -> dict:
+    """Refit the sliced model on the first calibration samples of each task; record them."""
+    from dietprune.recover import PARTS, recover
 
     started = time.perf_counter()
     corpora = [corpus.head(settings.recover_samples) for corpus in task_corpora(context.settings)]
@@ -227,9 +230,10 @@ def _recover(dense, sliced, context: Context, settings: PruneSettings) -> dict:
         used = context.used.setdefault(corpus.name, {"ids": []})
         used["ids"] += [i for i in corpus.ids if i not in used["ids"]]
     texts = [text for corpus in corpora for text in corpus.texts]
-    recover(dense, sliced, context.tokenizer, texts, settings.recover_alpha, context.settings.batch_size,
-            context.settings.max_length)
-    return {"method": "lsq", "alpha": settings.recover_alpha,
+    parts = ("readers",) if settings.recover == "lsq" else PARTS
+    recover(dense, sliced, context.tokenizer, texts, keep, settings.recover_alpha,
+            context.settings.batch_size, context.settings.max_length, parts)
+    return {"method": settings.recover, "parts": list(parts), "alpha": settings.recover_alpha,
             "seconds": round(time.perf_counter() - started, 1),
             "tasks": {corpus.name: {"ids": list(corpus.ids)} for corpus in corpora}}
 
@@ -276,15 +280,15 @@ def evaluate(model: str | PreTrainedModel | Loaded | Pruned | None = None, token
     loaded = _loaded(model, tokenizer, runtime)
     tasks = tuple(calibration.tasks) + tuple(t for t in settings.heldout if t not in calibration.tasks)
     exclude = excluded_ids(loaded.record, calibration)
-    source = calibration.data_source
+    source, include_path = calibration.data_source, calibration.include_path
     if settings.backend == "lm-eval":
         from dietprune.lm_eval_bridge import evaluate_lm_eval
 
         results = evaluate_lm_eval(loaded.model, loaded.tokenizer, tasks, settings.limit, exclude,
-                                   source=source)  # its own batch size: it scores full-vocab logits
+                                   source=source, include_path=include_path)  # its own batch size
     else:
         results = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, settings.limit, exclude,
-                                 settings.eval_batch_size, source=source)
+                                 settings.eval_batch_size, source=source, include_path=include_path)
         if settings.perplexity:
             results["perplexity"] = perplexity(loaded.model, loaded.tokenizer, progress=True)
     for task, result in results["tasks"].items():
@@ -315,7 +319,7 @@ def run(model: str | None, out: Path, prune_settings: PruneSettings | None = Non
     summary = {"prune": {k: v for k, v in pruned.record.items() if k != "kept_dims"},
                "dense": dense_results, "pruned": pruned_results, "heldout": list(eval_settings.heldout),
                "dtype": dtype_name(pruned.model.dtype)}
-    table = comparison_table(dense_results, pruned_results, tuple(eval_settings.heldout))
+    table = run_report(pruned.record, dense_results, pruned_results, tuple(eval_settings.heldout))
     with atomic_dir(out) as tmp:
         _write_checkpoint(pruned, tmp / "pruned", in_place=True)  # evaluated: it may change now
         write_json_atomic(tmp / "report.json", summary)

@@ -22,6 +22,8 @@ from dietprune.progress import progress
 from dietprune.settings import CalibrationSettings
 from dietprune.tasks import load_examples, split_ids
 from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
+from dietprune.tasks.registry import seeded_sample
+from dietprune.tasks.sources import read_source
 
 MAX_BATCH_TOKENS = 4096  # padded tokens per calibration forward pass: bounds activation memory
 
@@ -29,27 +31,49 @@ MAX_BATCH_TOKENS = 4096  # padded tokens per calibration forward pass: bounds ac
 @dataclass(frozen=True)
 class Corpus:
     """Named calibration texts with the ids that identify them in their source (recorded, and
-    excluded from evaluation)."""
+    excluded from evaluation), and for the user's own data where it came from."""
 
     name: str
     ids: tuple[str, ...]
     texts: tuple[str, ...]
+    source: dict | None = None
 
     def head(self, n: int) -> Corpus:
         """The first n samples (a seeded sample's prefix is itself a random sample)."""
-        return Corpus(self.name, self.ids[:n], self.texts[:n])
+        return Corpus(self.name, self.ids[:n], self.texts[:n], self.source)
 
 
 def task_corpus(task: str, settings: CalibrationSettings) -> Corpus:
     """The seeded calibration subset of `task`: each example's prompt followed by its gold answer."""
-    examples = load_examples(task, settings.data_source)
+    examples = load_examples(task, settings.data_source, settings.include_path)
     ids, _ = split_ids(examples, settings.samples, settings.seed)
     by_id = {ex.id: ex for ex in examples}
     return Corpus(task, tuple(ids), tuple(by_id[i].calibration_text() for i in ids))
 
 
+def source_corpora(settings: CalibrationSettings) -> list[Corpus]:
+    """The user's own calibration data: per task of each source, a seeded sample of `samples` rows
+    (all of them when it has fewer: its rows are never evaluated, so none need to stay out)."""
+    corpora = []
+    for spec in settings.calibration:
+        for task in read_source(spec, settings.text_field, settings.task_field):
+            count = min(settings.samples, len(task.rows))
+            picked = [task.rows[i] for i in seeded_sample(len(task.rows), count, settings.seed)]
+            corpora.append(Corpus(task.name, tuple(i for i, _ in picked), tuple(t for _, t in picked),
+                                  task.source | {"rows": len(task.rows)}))
+    return corpora
+
+
 def task_corpora(settings: CalibrationSettings) -> list[Corpus]:
-    return [task_corpus(task, settings) for task in settings.tasks]
+    """Every corpus the settings calibrate on: the tasks' samples, then the user's own data."""
+    corpora = [task_corpus(task, settings) for task in settings.tasks] + source_corpora(settings)
+    if not corpora:
+        raise DietError("nothing to calibrate on: give --tasks, --calibration or both")
+    names = [corpus.name for corpus in corpora]
+    if len(set(names)) < len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise DietError(f"two calibration corpora are named {', '.join(twice)}; rename a file or task")
+    return corpora
 
 
 def generic_corpus(n: int) -> Corpus:

@@ -146,7 +146,7 @@ def cmd_eval(args, settings) -> None:
 
 def cmd_run(args, settings) -> None:
     from dietprune.api import run
-    from dietprune.report import prune_summary, prune_summary_text
+    from dietprune.report import prune_summary
 
     summary = run(args.model, args.out, settings[PruneSettings], settings[CalibrationSettings],
                   settings[EvalSettings], settings[RuntimeSettings], args.overwrite)
@@ -154,7 +154,6 @@ def cmd_run(args, settings) -> None:
         averages = {name: summary[name]["average"] for name in ("dense", "pruned")}
         print(json.dumps(prune_summary(summary["prune"]) | {"average": averages, "report": str(args.out)}))
         return
-    print(prune_summary_text(summary["prune"]))
     print(summary["table"])
     print(f"report: {args.out / 'report.md'} and report.json; pruned model: {args.out / 'pruned'}")
 

@@ -117,13 +117,15 @@ def _attention_inputs(rows: list[_Row], length: int, eager_dtype: torch.dtype | 
     return {"attention_mask": mask, "position_ids": positions}
 
 
-def _target_logprobs(model, hidden: torch.Tensor, at: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets[i]) given hidden[at[i]]: the LM head (+ Gemma's final softcap) once per hidden row,
-    in the head's own dtype even under autocast."""
+def _target_logprobs(model, hidden: torch.Tensor, at: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets[i]) given hidden[at[i]], and whether targets[i] is the most likely token there: the
+    LM head (+ Gemma's final softcap) once per hidden row, in the head's own dtype even under autocast."""
     head = model.get_output_embeddings()
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     hidden = hidden.to(head.weight.dtype if head.weight.device.type != "meta" else hidden.dtype)
     out = torch.empty(len(targets), dtype=torch.float32)
+    greedy = torch.empty(len(targets), dtype=torch.bool)
     for first in range(0, len(hidden), HEAD_CHUNK):
         with torch.autocast(hidden.device.type, enabled=False):  # the head where accelerate placed it
             logits = head(hidden[first : first + HEAD_CHUNK]).float()
@@ -132,7 +134,8 @@ def _target_logprobs(model, hidden: torch.Tensor, at: torch.Tensor, targets: tor
         here = ((at >= first) & (at < first + HEAD_CHUNK)).cpu()
         rows, columns = (at.cpu()[here] - first).to(logits.device), targets[here].to(logits.device)
         out[here] = logits.log_softmax(-1)[rows, columns].cpu()
-    return out
+        greedy[here] = (logits.argmax(-1)[rows] == columns).cpu()
+    return out, greedy
 
 
 def _batches(rows: list[_Row], batch_size: int) -> Iterable[list[_Row]]:
@@ -153,8 +156,9 @@ def _batches(rows: list[_Row], batch_size: int) -> Iterable[list[_Row]]:
 
 def _score_rows(
     model, tokenizer, rows: list[_Row], n_slots: int, batch_size: int, dtype, progress: bool, desc: str
-) -> list[float]:
-    """Sum of target log-probabilities per slot, over all rows."""
+) -> tuple[list[float], list[bool]]:
+    """Per slot, over all rows: the sum of its target log-probabilities, and whether every target is the
+    most likely token (the continuation is the greedy decode)."""
     param, device = next(model.parameters()), input_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eager_dtype = param.dtype if model.config._attn_implementation == "eager" else None
@@ -166,6 +170,7 @@ def _score_rows(
     body = model.get_decoder()
     rows = sorted(rows, key=lambda r: (r.positions is None, -len(r.tokens)))
     totals = torch.zeros(n_slots, dtype=torch.float64)
+    misses = torch.zeros(n_slots, dtype=torch.long)
     bar = progress_bar(total=sum(len(r.scored) for r in rows), desc=desc, disable=not progress)
     with torch.inference_mode(), autocast:
         for batch in _batches(rows, batch_size):
@@ -186,11 +191,12 @@ def _score_rows(
                     slots += [slot] * len(tgt)
             where, at = torch.tensor(flat, device=hidden.device).unique(return_inverse=True)
             picked = hidden.reshape(-1, hidden.shape[-1])[where]
-            logprobs = _target_logprobs(model, picked, at, torch.tensor(targets))
-            totals.index_add_(0, torch.tensor(slots), logprobs.double().cpu())
+            logprobs, greedy = _target_logprobs(model, picked, at, torch.tensor(targets))
+            totals.index_add_(0, torch.tensor(slots), logprobs.double())
+            misses.index_add_(0, torch.tensor(slots), (~greedy).long())
             bar.update(sum(len(r.scored) for r in batch))
     bar.close()
-    return totals.tolist()
+    return totals.tolist(), (misses == 0).tolist()
 
 
 def loglikelihoods(
@@ -201,8 +207,9 @@ def loglikelihoods(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "loglikelihood",
-) -> list[float]:
-    """log P(continuation | context) for each (context, continuation) request, as lm-eval computes it.
+) -> tuple[list[float], list[bool]]:
+    """log P(continuation | context) for each (context, continuation) request, as lm-eval computes it,
+    and whether the continuation is the greedy decode (lm-eval's `is_greedy`).
 
     `batch_size` caps the rows (a context with all its continuations) per forward pass, besides the
     `MAX_BATCH_TOKENS` budget; `dtype`, if it differs from the model's, runs the transformer body under
@@ -215,11 +222,9 @@ def loglikelihoods(
     return _score_rows(model, tokenizer, rows, len(encoded), batch_size, dtype, progress, desc)
 
 
-
-
 def continuation_logprobs(model, tokenizer, sequences: Sequence[list[int]], batch_size: int = 8,
                           dtype: torch.dtype | None = None, progress: bool = False,
                           desc: str = "loglikelihood") -> list[float]:
     """Per token sequence, the sum of log p(token | the tokens before it) over all tokens but the first."""
     rows = [_plain_row(i, seq[:1], seq[1:]) for i, seq in enumerate(sequences) if len(seq) > 1]
-    return _score_rows(model, tokenizer, rows, len(sequences), batch_size, dtype, progress, desc)
+    return _score_rows(model, tokenizer, rows, len(sequences), batch_size, dtype, progress, desc)[0]

@@ -12,7 +12,7 @@ from dietprune.calibration import task_corpus
 from dietprune.engine import continuation_logprobs, loglikelihoods
 from dietprune.metrics import summarize, task_result
 from dietprune.settings import CalibrationSettings
-from dietprune.tasks import Example, load_examples
+from dietprune.tasks import Example, load_examples, task_metrics
 from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 
 
@@ -34,7 +34,7 @@ def score_examples(
     """Per example, the log-likelihood of each choice."""
     requests = [pair for ex in examples for pair in zip(ex.contexts, ex.continuations, strict=True)]
     desc = examples[0].task if examples else "loglikelihood"
-    flat = loglikelihoods(model, tokenizer, requests, batch_size, dtype, progress, desc)
+    flat = loglikelihoods(model, tokenizer, requests, batch_size, dtype, progress, desc)[0]
     out, start = [], 0
     for ex in examples:
         out.append(flat[start : start + len(ex.contexts)])
@@ -42,12 +42,11 @@ def score_examples(
     return out
 
 
-def select_examples(
-    task: str, limit: int | None, exclude: dict[str, set[str]] | None = None, source: str = "offline"
-) -> list[Example]:
+def select_examples(task: str, limit: int | None, exclude: dict[str, set[str]] | None = None,
+                    source: str = "offline", include_path: tuple[str, ...] = ()) -> list[Example]:
     """The first `limit` examples of `task` (file order) whose ids are not in `exclude[task]`."""
     skip = (exclude or {}).get(task, set())
-    kept = [ex for ex in load_examples(task, source) if ex.id not in skip]
+    kept = [ex for ex in load_examples(task, source, include_path) if ex.id not in skip]
     return kept if limit is None else kept[:limit]
 
 
@@ -66,20 +65,28 @@ def evaluate(
     dtype: torch.dtype | None = None,
     source: str = "offline",
     progress: bool = True,
+    include_path: tuple[str, ...] = (),
 ) -> dict:
     """Zero-shot accuracy on `tasks`: the first `limit` examples per task whose ids are not excluded.
 
     Returns a JSON-able dict: `tasks[name]` = {acc, acc_stderr, acc_norm, acc_norm_stderr, n, metrics
-    (those lm-eval reports; acc_norm is always computed), ids, preds, preds_norm, seconds}, `average`
-    (see `summarize`) and `settings`.
+    (those lm-eval reports; acc_norm is always computed), ids, preds, preds_norm, correct, correct_norm,
+    seconds} (a loglikelihood task: acc, perplexity, correct), `average` (see `summarize`), `settings`.
     """
     model.eval()
     per_task = {}
     for task in tasks:
-        examples = select_examples(task, limit, exclude, source)
+        examples = select_examples(task, limit, exclude, source, include_path)
+        metrics = task_metrics(task, source, include_path)
         start = time.perf_counter()
-        lls = score_examples(model, tokenizer, examples, batch_size, dtype, progress)
-        per_task[task] = task_result(examples, lls) | {"seconds": time.perf_counter() - start}
+        if examples and examples[0].kind == "loglikelihood":
+            requests = [(ex.contexts[0], ex.continuations[0]) for ex in examples]
+            lls, greedy = loglikelihoods(model, tokenizer, requests, batch_size, dtype, progress, task)
+            result = task_result(examples, [[ll] for ll in lls], metrics, greedy)
+        else:
+            result = task_result(examples, score_examples(model, tokenizer, examples, batch_size, dtype,
+                                                          progress), metrics)
+        per_task[task] = result | {"seconds": time.perf_counter() - start}
     settings = {
         "backend": "dietprune",
         "limit": limit,

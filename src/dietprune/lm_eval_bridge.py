@@ -1,13 +1,14 @@
 """The `--backend lm-eval` path: run the real lm-evaluation-harness (0.4.x) on exactly our examples.
 
-For each task we write a YAML that `include`s lm-eval's own task YAML (so its prompts, choices, targets,
-preprocessing and metrics are used unchanged) and only points the data at an arrow file holding our
-selected rows, in our order. lm-eval is imported lazily; it is an optional dependency.
+For a built-in task we write a YAML that `include`s lm-eval's own task YAML (so its prompts, choices,
+targets, preprocessing and metrics are used unchanged) and only points the data at an arrow file holding
+our selected rows, in our order. Any other task is lm-eval's own (tasks/harness.py), run on the
+documents our examples are (simple_evaluate's `samples`). lm-eval is imported lazily; it is an optional
+dependency.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 import time
@@ -17,20 +18,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc
 
-from dietprune.errors import DietError
 from dietprune.evaluate import dtype_name, select_examples
 from dietprune.metrics import summarize, task_result
-from dietprune.tasks import Example, get_task, load_rows
+from dietprune.tasks import TASKS, Example, task_metrics
+from dietprune.tasks.harness import lm_eval_tasks_dir, task_manager
+from dietprune.tasks.registry import load_rows
 
-INSTALL_HINT = "pip install lm-eval==0.4.13"
 TASK_PREFIX = "dietprune_"
-
-
-def _lm_eval_tasks_dir() -> Path:
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise DietError(f"the lm-eval backend needs lm-evaluation-harness: {INSTALL_HINT}")
-    return Path(next(iter(spec.submodule_search_locations))) / "tasks"
 
 
 def write_task(task: str, examples: Sequence[Example], source: str, out_dir: Path) -> str:
@@ -46,7 +40,7 @@ def write_task(task: str, examples: Sequence[Example], source: str, out_dir: Pat
         writer.write_table(table)
     name = TASK_PREFIX + task
     config = {
-        "include": str(_lm_eval_tasks_dir() / get_task(task).lm_eval_yaml),
+        "include": str(lm_eval_tasks_dir() / TASKS[task].lm_eval_yaml),
         "task": name,
         "dataset_path": "arrow",
         "dataset_name": None,
@@ -60,37 +54,43 @@ def write_task(task: str, examples: Sequence[Example], source: str, out_dir: Pat
 
 
 def lm_eval_loglikelihoods(
-    model, tokenizer, examples: dict[str, Sequence[Example]], batch_size: int = 8, source: str = "offline"
-) -> tuple[dict[str, list[list[float]]], dict[str, dict], dict[str, float]]:
+    model, tokenizer, examples: dict[str, Sequence[Example]], batch_size: int = 8, source: str = "offline",
+    include_path: tuple[str, ...] = (),
+) -> tuple[dict[str, list[list[float]]], dict[str, list[bool]], dict[str, dict], dict[str, float]]:
     """Run lm-eval's HF backend on `examples` (per task, in our order).
 
-    Returns per task: the choice log-likelihoods per example, lm-eval's own aggregated metrics, and the
-    wall time of its `simple_evaluate` call (task building, tokenization and model calls).
+    Returns per task: the log-likelihoods of each example's requests, whether each request's target is
+    the greedy decode, lm-eval's own aggregated metrics, and the wall time of its `simple_evaluate`
+    call (task building, tokenization and model calls). A built-in task is lm-eval's YAML over our rows;
+    any other task is lm-eval's own, on the documents our examples are (`samples`).
     """
-    _lm_eval_tasks_dir()
+    lm_eval_tasks_dir()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    lls, reported, seconds = {}, {}, {}
+    lls, greedy, reported, seconds = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="dietprune-lm-eval-") as tmp:
-        names = {task: write_task(task, exs, source, Path(tmp)) for task, exs in examples.items()}
-        manager = TaskManager(include_path=tmp)
-        for task, name in names.items():
+        for task, exs in examples.items():
+            if task in TASKS:
+                name, samples = write_task(task, exs, source, Path(tmp)), None
+                manager = TaskManager(include_path=tmp, include_defaults=False)
+            else:
+                name, samples = task, {task: [int(ex.id) for ex in exs]}
+                manager = task_manager(task, source, tuple(include_path))
             start = time.perf_counter()
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=[name], task_manager=manager, log_samples=True, bootstrap_iters=0
-            )
+            out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, samples=samples,
+                                          log_samples=True, bootstrap_iters=0)
             seconds[task] = time.perf_counter() - start
-            samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
-            lls[task] = [[float(ll) for ll, _ in s["filtered_resps"]] for s in samples]
-            reported[task] = {
-                key.split(",")[0]: value
-                for key, value in out["results"][name].items()
-                if key.split(",")[0] in get_task(task).metrics
-            }
-    return lls, reported, seconds
+            by_doc = {s["doc_id"]: s for s in out["samples"][name]}
+            ours = [by_doc[i] for i in (samples[task] if samples else range(len(exs)))]
+            lls[task] = [[float(ll) for ll, _ in s["filtered_resps"]] for s in ours]
+            greedy[task] = [bool(s["filtered_resps"][0][1]) for s in ours]
+            metrics = task_metrics(task, source, include_path)
+            reported[task] = {key.split(",")[0]: value for key, value in out["results"][name].items()
+                              if key.split(",")[0] in metrics}
+    return lls, greedy, reported, seconds
 
 
 def evaluate_lm_eval(
@@ -101,6 +101,7 @@ def evaluate_lm_eval(
     exclude: dict[str, set[str]] | None = None,
     batch_size: int = 8,
     source: str = "offline",
+    include_path: tuple[str, ...] = (),
 ) -> dict:
     """`dietprune.evaluate.evaluate`, but scored by lm-eval; same result format.
 
@@ -108,10 +109,12 @@ def evaluate_lm_eval(
     aggregates are kept per task under `lm_eval_reported` for cross-checking.
     """
     model.eval()
-    examples = {task: select_examples(task, limit, exclude, source) for task in tasks}
-    lls, reported, seconds = lm_eval_loglikelihoods(model, tokenizer, examples, batch_size, source)
+    examples = {task: select_examples(task, limit, exclude, source, include_path) for task in tasks}
+    lls, greedy, reported, seconds = lm_eval_loglikelihoods(model, tokenizer, examples, batch_size, source,
+                                                            include_path)
     per_task = {
-        task: task_result(exs, lls[task]) | {"seconds": seconds[task], "lm_eval_reported": reported[task]}
+        task: task_result(exs, lls[task], task_metrics(task, source, include_path), greedy[task])
+        | {"seconds": seconds[task], "lm_eval_reported": reported[task]}
         for task, exs in examples.items()
     }
     settings = {

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dietprune.errors import DietError
-from dietprune.tasks import Example, get_task
+from dietprune.tasks import Example
 
 
 def stderr(values: Sequence[float]) -> float | None:
@@ -25,8 +25,20 @@ def predictions(example: Example, lls: Sequence[float]) -> tuple[int, int]:
     return int(np.argmax(lls)), int(np.argmax(np.asarray(lls) / lengths))
 
 
-def task_result(examples: Sequence[Example], lls: Sequence[Sequence[float]]) -> dict:
-    """Accuracy metrics and per-example predictions of one task."""
+def task_result(examples: Sequence[Example], lls: Sequence[Sequence[float]], metrics: Sequence[str],
+                greedy: Sequence[bool] | None = None) -> dict:
+    """One task's metrics (those lm-eval reports are listed under "metrics") with per-example
+    predictions and correctness ("correct", "correct_norm": 1.0 or 0.0 per example, for paired
+    statistics). Multiple choice: acc and acc_norm. A loglikelihood task (one request per example,
+    `greedy` whether its target is the greedy decode): acc = the share of greedy targets, and
+    perplexity = exp(-mean log-likelihood) over examples, as lm-eval aggregates it."""
+    ids = [ex.id for ex in examples]
+    if examples and examples[0].kind == "loglikelihood":
+        correct = [float(g) for g in greedy]
+        total = [ll[0] for ll in lls]
+        return {"acc": float(np.mean(correct)), "acc_stderr": stderr(correct), "n": len(examples),
+                "perplexity": math.exp(-float(np.mean(total))), "metrics": list(metrics), "ids": ids,
+                "loglikelihoods": total, "correct": correct}
     preds = [predictions(ex, ll) for ex, ll in zip(examples, lls, strict=True)]
     acc = [float(p == ex.gold) for (p, _), ex in zip(preds, examples, strict=True)]
     acc_norm = [float(q == ex.gold) for (_, q), ex in zip(preds, examples, strict=True)]
@@ -36,10 +48,12 @@ def task_result(examples: Sequence[Example], lls: Sequence[Sequence[float]]) -> 
         "acc_norm": float(np.mean(acc_norm)) if acc_norm else None,
         "acc_norm_stderr": stderr(acc_norm),
         "n": len(examples),
-        "metrics": list(get_task(examples[0].task).metrics) if examples else [],
-        "ids": [ex.id for ex in examples],
+        "metrics": list(metrics),
+        "ids": ids,
         "preds": [p for p, _ in preds],
         "preds_norm": [q for _, q in preds],
+        "correct": acc,
+        "correct_norm": acc_norm,
     }
 
 
@@ -82,17 +96,14 @@ def average_stderr(cell: dict, tasks: list[str], metric: str = "acc") -> float:
     return math.sqrt(sum(cell["tasks"][t][key] ** 2 for t, key in zip(tasks, keys, strict=True))) / len(tasks)
 
 
-def correct(result: dict, golds: dict[str, int], metric: str = "acc") -> np.ndarray:
+def correct(result: dict, metric: str = "acc") -> np.ndarray:
     """Per example of one task's result: 1.0 where the `metric` prediction is right (or, for a seed
     mean, the share of seeds that are right)."""
-    if "correct" in result:
-        return np.asarray(result["correct"], dtype=float)
-    preds = result["preds_norm" if metric_key(result, metric) == "acc_norm" else "preds"]
-    return (np.array(preds) == np.array([golds[i] for i in result["ids"]])).astype(float)
+    return np.asarray(result["correct_norm" if metric_key(result, metric) == "acc_norm" else "correct"],
+                      dtype=float)
 
 
-def seed_mean(cells: list[dict], tasks: list[str], golds: dict[str, dict[str, int]], metric: str = "acc"
-              ) -> dict:
+def seed_mean(cells: list[dict], tasks: list[str], metric: str = "acc") -> dict:
     """One cell for the mean of several seeds' cells on the same examples: per example, the share of
     seeds that are right under `metric`; its value is the mean over seeds, its standard error that of
     the per-example shares (stored under "acc": the merged cell stands for this one metric)."""
@@ -101,14 +112,14 @@ def seed_mean(cells: list[dict], tasks: list[str], golds: dict[str, dict[str, in
         ids = cells[0]["tasks"][task]["ids"]
         if any(c["tasks"][task]["ids"] != ids for c in cells):
             raise DietError(f"{task}: the seeds were evaluated on different examples")
-        share = np.mean([correct(c["tasks"][task], golds[task], metric) for c in cells], axis=0)
+        share = np.mean([correct(c["tasks"][task], metric) for c in cells], axis=0)
         merged[task] = {"ids": ids, "correct": share.tolist(), "acc": float(share.mean()),
                         "acc_stderr": float(share.std(ddof=1) / math.sqrt(len(share))), "metrics": ["acc"]}
     return {"tasks": merged, "prune": cells[0]["prune"]}
 
 
-def paired_difference(cell: dict, reference: dict, tasks: list[str], golds: dict[str, dict[str, int]],
-                      metric: str = "acc") -> tuple[float, float]:
+def paired_difference(cell: dict, reference: dict, tasks: list[str], metric: str = "acc"
+                      ) -> tuple[float, float]:
     """Average over tasks of (cell - reference) in `metric` on the same examples, and its standard
     error: per-example differences within a task (paired), tasks independent."""
     means, variances = [], []
@@ -116,7 +127,7 @@ def paired_difference(cell: dict, reference: dict, tasks: list[str], golds: dict
         mine, theirs = cell["tasks"][task], reference["tasks"][task]
         if mine["ids"] != theirs["ids"]:
             raise DietError(f"{task}: the two cells were evaluated on different examples")
-        diff = correct(mine, golds[task], metric) - correct(theirs, golds[task], metric)
+        diff = correct(mine, metric) - correct(theirs, metric)
         means.append(diff.mean())
         variances.append(diff.var(ddof=1) / len(diff))
     return float(np.mean(means)), math.sqrt(sum(variances)) / len(tasks)

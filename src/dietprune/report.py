@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from dietprune.metrics import METRICS, average, average_stderr, metric_key, paired_difference, seed_mean
-from dietprune.tasks import load_examples
 
 
 def cell_name(variant: str, sparsity: float, recover: str) -> str:
@@ -37,27 +36,52 @@ def markdown_table(results: dict) -> str:
 
 
 def comparison_table(dense: dict, pruned: dict, heldout: tuple[str, ...] = ()) -> str:
-    """Markdown: per task acc and acc_norm of both models with the pruned model's change."""
-    lines = ["| task | n | dense acc | pruned acc | Δ acc | dense acc_norm | pruned acc_norm |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for task, d in dense["tasks"].items():
-        p = pruned["tasks"][task]
-        delta = f"{100 * (p['acc'] - d['acc']):+.1f}"
-        name = f"{task} (held out)" if task in heldout else task
-        lines.append(f"| {name} | {d['n']} | {_pct(d['acc'])} ± {100 * (d['acc_stderr'] or 0):.1f} | "
-                     f"{_pct(p['acc'])} ± {100 * (p['acc_stderr'] or 0):.1f} | {delta} | "
-                     f"{_pct(d['acc_norm'])} | {_pct(p['acc_norm'])} |")
-    for label, keep in (("average (profiled tasks)", lambda t: t not in heldout),
-                        ("average (held out)", lambda t: t in heldout)):
-        tasks = [t for t in dense["tasks"] if keep(t)]
+    """Markdown: the profiled tasks, then the held-out ones, each with dense and pruned acc (± standard
+    error), the paired difference on the same examples (± its standard error) and acc_norm; then the
+    averages of both groups and perplexity."""
+    lines = ["| task | n | dense acc | pruned acc | pruned - dense (paired) | dense acc_norm "
+             "| pruned acc_norm |", "|---|---:|---:|---:|---:|---:|---:|"]
+    groups = (("profiled", [t for t in dense["tasks"] if t not in heldout]),
+              ("held out", [t for t in dense["tasks"] if t in heldout]))
+    for label, tasks in groups:
+        for task in tasks:
+            d, p = dense["tasks"][task], pruned["tasks"][task]
+            delta, err = paired_difference(pruned, dense, [task])
+            lines.append(f"| {task}{' (held out)' if label == 'held out' else ''} | {d['n']} | "
+                         f"{_pct(d['acc'], d['acc_stderr'])} | {_pct(p['acc'], p['acc_stderr'])} | "
+                         f"{100 * delta:+.1f} ± {100 * err:.1f} | {_pct(d.get('acc_norm'))} | "
+                         f"{_pct(p.get('acc_norm'))} |")
+    for label, tasks in groups:
         if tasks:
-            da = sum(dense["tasks"][t]["acc"] for t in tasks) / len(tasks)
-            pa = sum(pruned["tasks"][t]["acc"] for t in tasks) / len(tasks)
-            lines.append(f"| **{label}** | | {_pct(da)} | {_pct(pa)} | {100 * (pa - da):+.1f} | | |")
+            delta, err = paired_difference(pruned, dense, tasks)
+            dense_avg = _pct(average(dense, tasks), average_stderr(dense, tasks))
+            pruned_avg = _pct(average(pruned, tasks), average_stderr(pruned, tasks))
+            lines.append(f"| **average ({label})** | | {dense_avg} | {pruned_avg} | "
+                         f"{100 * delta:+.1f} ± {100 * err:.1f} | | |")
     if "perplexity" in dense and "perplexity" in pruned:
         d, p = dense["perplexity"], pruned["perplexity"]
         lines.append(f"\nperplexity on {d['texts']} held-out {d['corpus']} passages ({d['tokens']} tokens): "
                      f"dense {d['perplexity']:.2f}, pruned {p['perplexity']:.2f}")
+    return "\n".join(lines)
+
+
+def run_report(record: dict, dense: dict, pruned: dict, heldout: tuple[str, ...]) -> str:
+    """The report of `diet run`: what was pruned and on what, then dense vs pruned."""
+    return "\n\n".join([prune_summary_text(record), calibration_summary(record, list(dense["tasks"])),
+                        comparison_table(dense, pruned, heldout)])
+
+
+def calibration_summary(record: dict, evaluated: list[str]) -> str:
+    """Which corpora the model was calibrated on: tasks that are also evaluated, and the user's own
+    data (calibration only), with where it came from."""
+    corpora = record.get("calibration", {})
+    tasks = [name for name in corpora if name in evaluated]
+    own = [f"{name} ({meta['source'].get('path') or 'hub:' + meta['source'].get('hub', '')}, "
+           f"{len(meta['ids'])} of {meta['source'].get('rows')} rows)"
+           for name, meta in corpora.items() if "source" in meta]
+    lines = [f"calibrated on the tasks: {', '.join(tasks) or 'none'}"]
+    if own:
+        lines.append(f"calibrated on your data (never evaluated): {'; '.join(own)}")
     return "\n".join(lines)
 
 
@@ -87,15 +111,34 @@ def tables(results: dict, variants, sparsities, recoveries) -> str:
     """Markdown in the paper's shape, once for acc and once for each task's headline score (acc_norm
     where lm-eval reports it): one block per sparsity, rows = methods, the metric per task, averages,
     and each method's paired difference to DIET (vote) on the same examples when DIET is in the sweep."""
-    return "\n\n".join(metric_tables(results, variants, sparsities, recoveries, metric) for metric in METRICS)
+    blocks = [metric_tables(results, variants, sparsities, recoveries, metric) for metric in METRICS]
+    return "\n\n".join(blocks + [agreement_table(results)])
+
+
+def agreement_table(results: dict) -> str:
+    """Per hidden-dim cell and calibration corpus: how many of the corpus's own top-K dims the global
+    mask keeps (K each), and which corpora were calibration only (the user's data, never evaluated)."""
+    cells = {name: cell["prune"]["task_agreement"] for name, cell in results["cells"].items()
+             if "task_agreement" in cell.get("prune", {})}
+    if not cells:
+        return ""
+    corpora = list(dict.fromkeys(corpus for agreement in cells.values() for corpus in agreement))
+    lines = ["## agreement with the global mask\n",
+             "own top-K dims of each calibration corpus that the global mask keeps (K: the cell's width)\n",
+             "| cell | K | " + " | ".join(corpora) + " |", "|---|---:|" + "---:|" * len(corpora)]
+    for name, agreement in cells.items():
+        k = results["cells"][name]["prune"]["hidden_size_after"]
+        lines.append(f"| {name} | {k} | " + " | ".join(str(agreement.get(c, "–")) for c in corpora) + " |")
+    own = [c for c in corpora if c not in results["tasks"]]
+    if own:
+        lines.append(f"\ncalibration only (never evaluated): {', '.join(own)}")
+    return "\n".join(lines)
 
 
 def metric_tables(results: dict, variants, sparsities, recoveries, metric: str) -> str:
     """The tables of one metric ("acc" or "score")."""
     heldout = results["heldout"]
     profiled = [t for t in results["tasks"] if t not in heldout]
-    source = results["cells"]["dense"]["settings"]["source"]
-    golds = {t: {ex.id: ex.gold for ex in load_examples(t, source)} for t in profiled + heldout}
     versus = "diet" in variants
     header = ("| method | params | " + " | ".join(profiled) + " | **avg** | " + ("avg - diet | " * versus)
               + " | ".join(f"{t} (held out)" for t in heldout) + " | ppl |")
@@ -112,7 +155,7 @@ def metric_tables(results: dict, variants, sparsities, recoveries, metric: str) 
                f"{100 * average_stderr(cell, profiled, metric):.1f} | ")
         if versus:
             if reference is not None and "error" not in reference and reference is not cell:
-                delta, err = paired_difference(cell, reference, profiled, golds, metric)
+                delta, err = paired_difference(cell, reference, profiled, metric)
                 avg += f"{100 * delta:+.1f} ± {100 * err:.1f} | "
             else:
                 avg += "– | "
@@ -138,7 +181,7 @@ def metric_tables(results: dict, variants, sparsities, recoveries, metric: str) 
                      if v.startswith("random-")]
             if len(seeds) > 1 and not any("error" in c for c in seeds):
                 blocks.append(row(f"random, mean of {len(seeds)} seeds{suffix}",
-                                  seed_mean(seeds, profiled + heldout, golds, metric), reference))
+                                  seed_mean(seeds, profiled + heldout, metric), reference))
         blocks.append("")
     return "\n".join(blocks)
 

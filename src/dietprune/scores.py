@@ -89,6 +89,9 @@ def profile_corpora(model, tokenizer, fingerprint: str, corpora: list[Corpus], s
 
 
 def _cache_key(fingerprint: str, corpus: Corpus, settings: CalibrationSettings) -> str:
-    parts = [fingerprint, corpus.name, ",".join(corpus.ids), settings.site, str(settings.max_length),
-             settings.data_source, __version__]
+    """The model, the corpus's texts themselves (a user's file may change under the same ids), and the
+    settings that change the statistics."""
+    texts = hashlib.sha256("\0".join(corpus.texts).encode()).hexdigest()
+    parts = [fingerprint, corpus.name, ",".join(corpus.ids), texts, settings.site, str(settings.max_length),
+             __version__]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]

@@ -24,7 +24,7 @@ DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_cha
 SITES = ("block_output", "norm_output")
 AGGREGATIONS = ("l1", "l2")
 MERGES = ("vote", "weighted", "mean")
-RECOVERIES = ("none", "lsq")
+RECOVERIES = ("none", "lsq", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -136,8 +136,18 @@ class CalibrationSettings(Settings):
 
     title = "calibration"
 
-    tasks: tuple[str, ...] = option(DEFAULT_TASKS, "tasks whose calibration samples are profiled",
-                                    metavar="TASK")
+    tasks: tuple[str, ...] = option(DEFAULT_TASKS, "tasks whose calibration samples are profiled (and which "
+                                    "are evaluated): built-in names, any lm-eval task, or a task YAML's name "
+                                    "in --include-path", empty=True, metavar="TASK")
+    calibration: tuple[str, ...] = option((), "your own calibration data, each a task in the vote: text "
+                                          "(.txt: a line, or with blank lines a paragraph, per sample), "
+                                          ".jsonl, .csv or .parquet (--text-field), or hub:ORG/NAME[:CONFIG"
+                                          "[:SPLIT]]; PATH@sha256:HEX pins a file's content", empty=True,
+                                          metavar="SOURCE")
+    text_field: str = option("text", "the text column of --calibration files and data sets")
+    task_field: str = option("task", "a column that splits a --calibration source into tasks (if there)")
+    include_path: tuple[str, ...] = option((), "folders of your own lm-eval task YAMLs", empty=True,
+                                           metavar="DIR")
     samples: int = option(100, "calibration samples per task", minimum=1)
     seed: int = option(0, "seed of the calibration subsets", minimum=0)
     site: str = option("block_output", "activation site: the residual stream after each block, or the "
@@ -164,7 +174,8 @@ class PruneSettings(Settings):
                                           "mask)", empty=True, metavar="TASK")
     aggregation: str = option("l1", "score per dim: mean |a| (l1, DIET's) or root mean square (l2)",
                               choices=AGGREGATIONS)
-    recover: str = option("none", "lsq: refit the kept reader weights in closed form (no training)",
+    recover: str = option("none", "closed-form refits on calibration tokens (no training): lsq the readers; "
+                          "full readers, writers, output-norm gains and the final norm through the head",
                           choices=RECOVERIES)
     recover_samples: int = option(32, "calibration samples per task used by recovery", minimum=1)
     recover_alpha: float = option(0.01, "ridge damping of recovery, relative to the mean Gram diagonal",

@@ -42,7 +42,8 @@ class Context:
     def profile(self, corpora: list[Corpus]) -> dict[str, ActivationStats]:
         stats = profile_corpora(self.model, self.tokenizer, self.fingerprint, corpora, self.settings)
         for corpus in corpora:
-            self.used[corpus.name] = {"ids": list(corpus.ids), "tokens": stats[corpus.name].tokens}
+            self.used[corpus.name] = {"ids": list(corpus.ids), "tokens": stats[corpus.name].tokens} | (
+                {"source": corpus.source} if corpus.source else {})
         return stats
 
     def task_stats(self) -> dict[str, ActivationStats]:
@@ -58,7 +59,8 @@ class Context:
         """Every task's calibration texts, task after task (recorded as used)."""
         texts = []
         for corpus in task_corpora(self.settings):
-            self.used[corpus.name] = {"ids": list(corpus.ids)}
+            self.used[corpus.name] = {"ids": list(corpus.ids)} | ({"source": corpus.source} if corpus.source
+                                                                   else {})
             texts += corpus.texts
         return texts
 

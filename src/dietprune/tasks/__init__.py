@@ -1,25 +1,25 @@
-"""Zero-shot multiple-choice tasks (lm-evaluation-harness definitions) and their offline data."""
+"""Tasks: the built-in zero-shot tasks (lm-evaluation-harness definitions, offline data) and any
+lm-eval task or user task YAML by name (harness.py), both as Examples."""
 
-from dietprune.tasks.registry import (
-    DEFAULT_TASKS,
-    TARGET_DELIMITER,
-    TASKS,
-    Example,
-    TaskSpec,
-    get_task,
-    load_examples,
-    load_rows,
-    split_ids,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_TASKS",
-    "TARGET_DELIMITER",
-    "TASKS",
-    "Example",
-    "TaskSpec",
-    "get_task",
-    "load_examples",
-    "load_rows",
-    "split_ids",
-]
+from dietprune.tasks import harness, registry
+from dietprune.tasks.registry import DEFAULT_TASKS, TASKS, Example, split_ids
+
+
+def load_examples(task: str, source: str = "offline", include_path: tuple[str, ...] = ()) -> list[Example]:
+    """The evaluation split of `task` as Examples in file order: a built-in task's validation rows, else
+    the documents lm-eval's definition of it evaluates."""
+    if task in TASKS:
+        return registry.load_examples(task, source)
+    return harness.load_examples(task, source, tuple(include_path))
+
+
+def task_metrics(task: str, source: str = "offline", include_path: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The metrics lm-eval reports for `task` (those dietprune computes)."""
+    if task in TASKS:
+        return TASKS[task].metrics
+    return harness.metrics(task, source, tuple(include_path))
+
+
+__all__ = ["DEFAULT_TASKS", "TASKS", "Example", "load_examples", "split_ids", "task_metrics"]

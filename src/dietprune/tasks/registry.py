@@ -27,14 +27,16 @@ TARGET_DELIMITER = " "
 
 @dataclass(frozen=True)
 class Example:
-    """One multiple-choice item: request i is `(contexts[i], continuations[i])`."""
+    """One item: request i is `(contexts[i], continuations[i])`. A multiple-choice item has a request per
+    choice; a "loglikelihood" item (an lm-eval task of that type) one request, its target."""
 
     task: str
-    id: str  # row index in the validation split, as str
+    id: str  # row index in the evaluation split, as str
     contexts: tuple[str, ...]  # one per choice (WinoGrande differs per choice; others repeat)
     continuations: tuple[str, ...]  # one per choice, including the leading target delimiter
     gold: int
     choices: tuple[str, ...]  # lm-eval's doc_to_choice strings; acc_norm divides by their length in chars
+    kind: str = "multiple_choice"
 
     def calibration_text(self) -> str:
         """The gold answer in context, as plain text (for pruning calibration)."""
@@ -196,6 +198,11 @@ def load_examples(task: str, source: str = "offline") -> list[Example]:
     return [spec.example(doc, i) for i, doc in enumerate(load_rows(task, source))]
 
 
+def seeded_sample(n: int, k: int, seed: int) -> list[int]:
+    """k distinct indices below n, drawn with `seed` (in drawn order: any prefix is a sample too)."""
+    return np.random.default_rng(seed).choice(n, size=k, replace=False).tolist()
+
+
 def split_ids(examples: list[Example], n_calib: int, seed: int) -> tuple[list[str], list[str]]:
     """Split ids into (calibration, evaluation): a seeded random sample of `n_calib` ids (in sampled
     order, so any prefix is itself a random sample) and all other ids in file order."""
@@ -205,8 +212,7 @@ def split_ids(examples: list[Example], n_calib: int, seed: int) -> tuple[list[st
             f"cannot take {n_calib} calibration examples from {len(examples)} {task} examples; "
             f"use 0 <= n_calib < {len(examples)}"
         )
-    picked = np.random.default_rng(seed).choice(len(examples), size=n_calib, replace=False)
-    calib = [examples[i].id for i in picked]
+    calib = [examples[i].id for i in seeded_sample(len(examples), n_calib, seed)]
     chosen = set(calib)
     return calib, [ex.id for ex in examples if ex.id not in chosen]
 

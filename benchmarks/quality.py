@@ -1,0 +1,92 @@
+"""Quality of pruning configurations (issue 16): each one pruned from the same dense model in memory and
+evaluated on a development split (to choose) or the test split (to report).
+
+    .venv/bin/python benchmarks/quality.py --split dev --sparsity 0.2 --configs diet diet+lsq diet+full
+    .venv/bin/python benchmarks/quality.py --split test --sparsity 0.1 0.2 0.3 --configs diet diet+full
+
+Splits, never overlapping each other or any calibration sample:
+  test  what RESULTS.md reports: the first 300 evaluation examples of the 7 tasks and PIQA (held out),
+        perplexity on the last 256 LAMBADA passages (as `diet sweep --limit 300`);
+  dev   evaluation examples 300-399 of the six tasks that have that many (BoolQ, HellaSwag,
+        WinoGrande, ARC-Easy, OpenBookQA, PIQA), perplexity on LAMBADA passages 3000-3255 (no method
+        calibrates on them: generic calibration takes at most 700 passages from the front).
+A configuration is a name from CONFIGS (prune options as in a config file). Each result is cached as
+benchmarks/results/quality-<model>/<config>-s<sparsity>-<split>.json, so a run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from dietprune.api import load, prune
+from dietprune.evaluate import evaluate, excluded_ids, perplexity, select_examples
+from dietprune.settings import CalibrationSettings
+from dietprune.tasks.data import lambada_passages
+
+CONFIGS: dict[str, dict] = {
+    "diet": {},
+    "diet+lsq": {"recover": "lsq"},
+    "diet+full": {"recover": "full"},
+    "norm-site+full": {"site": "norm_output", "recover": "full"},
+    "random+full": {"method": "random", "recover": "full"},
+}
+TEST_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+DEV_TASKS = ("boolq", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa")
+TEST_LIMIT, DEV_OFFSET, DEV_LIMIT = 300, 300, 100
+
+
+def split_examples(split: str, record: dict | None) -> tuple[tuple[str, ...], dict[str, set[str]], int, list]:
+    """(tasks, excluded ids, limit, perplexity texts) of a split."""
+    exclude = excluded_ids(record, CalibrationSettings(tasks=TEST_TASKS[:-1]))
+    if split == "test":
+        return TEST_TASKS, exclude, TEST_LIMIT, None
+    for task in DEV_TASKS:  # the test examples are excluded too: dev starts after them
+        exclude.setdefault(task, set()).update(ex.id for ex in select_examples(task, TEST_LIMIT, exclude))
+    return DEV_TASKS, exclude, DEV_LIMIT, [text for _, text in lambada_passages()[3000:3256]]
+
+
+def measure(model, tokenizer, split: str, record: dict | None) -> dict:
+    tasks, exclude, limit, texts = split_examples(split, record)
+    results = evaluate(model, tokenizer, tasks, limit, exclude)
+    results["perplexity"] = perplexity(model, tokenizer, texts, progress=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--split", choices=("dev", "test"), default="dev")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.2])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    out = args.out or Path(f"benchmarks/results/quality-{args.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    dense = load(args.model)
+    path = out / f"dense-{args.split}.json"
+    if not path.is_file():
+        path.write_text(json.dumps(measure(dense.model, dense.tokenizer, args.split, None), indent=1))
+    for sparsity in args.sparsity:
+        for name in args.configs:
+            path = out / f"{name}-s{round(sparsity * 100):02d}-{args.split}.json"
+            if path.is_file():
+                continue
+            started = time.perf_counter()
+            pruned = prune(dense, sparsity=sparsity, **CONFIGS[name])
+            seconds = time.perf_counter() - started
+            result = measure(pruned.model, pruned.tokenizer, args.split, pruned.record)
+            result["prune"] = {k: v for k, v in pruned.record.items()
+                               if k not in ("kept_dims", "calibration")}
+            result["prune_seconds"] = seconds
+            path.write_text(json.dumps(result, indent=1))
+            print(json.dumps({"config": name, "sparsity": sparsity, "avg": result["average"]["acc"],
+                              "ppl": result["perplexity"]["perplexity"], "seconds": round(seconds)}),
+                  flush=True)
+            del pruned
+
+
+if __name__ == "__main__":
+    main()
