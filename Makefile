@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all lint
+.PHONY: setup demo test test-all test-serving lint
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,14 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 test: lint
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow and not serving"
 
 test-all: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not serving"
+
+# Not in CI: builds llama.cpp from the llama-cpp-python sdist (~10 min once, cached in .cache/llama.cpp),
+# runs every adapter's pruned checkpoint in it, then measures dense vs pruned tokens/s.
+test-serving: setup
+	$(BIN)/pip install -q diskcache==5.6.3 sentencepiece==0.2.3  # what llama.cpp's converter and bindings import
+	$(BIN)/pytest -m serving tests/test_llama_cpp.py
+	$(BIN)/python benchmarks/llama_cpp.py

@@ -18,20 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from dietprune.api import load, prune
 from dietprune.evaluate import evaluate, excluded_ids, perplexity, select_examples
+from dietprune.metrics import average, average_stderr, paired_difference
 from dietprune.settings import CalibrationSettings
 from dietprune.tasks.data import lambada_passages
 
-CONFIGS: dict[str, dict] = {
-    "diet": {},
-    "diet+lsq": {"recover": "lsq"},
-    "diet+full": {"recover": "full"},
+CONFIGS: dict[str, dict] = {  # every name pins site and recovery: the defaults are what these runs chose
+    "diet": {"site": "block_output", "recover": "none"},
+    "diet+lsq": {"site": "block_output", "recover": "lsq"},
+    "diet+full": {"site": "block_output", "recover": "full"},
     "norm-site+full": {"site": "norm_output", "recover": "full"},
-    "random+full": {"method": "random", "recover": "full"},
+    "random+full": {"method": "random", "site": "block_output", "recover": "full"},
 }
 TEST_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
 DEV_TASKS = ("boolq", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa")
@@ -48,9 +50,9 @@ def split_examples(split: str, record: dict | None) -> tuple[tuple[str, ...], di
     return DEV_TASKS, exclude, DEV_LIMIT, [text for _, text in lambada_passages()[3000:3256]]
 
 
-def measure(model, tokenizer, split: str, record: dict | None) -> dict:
+def measure(model, tokenizer, split: str, record: dict | None, tasks_too: bool = True) -> dict:
     tasks, exclude, limit, texts = split_examples(split, record)
-    results = evaluate(model, tokenizer, tasks, limit, exclude)
+    results = evaluate(model, tokenizer, tasks, limit, exclude) if tasks_too else {"average": {"acc": None}}
     results["perplexity"] = perplexity(model, tokenizer, texts, progress=True)
     return results
 
@@ -62,13 +64,15 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.2])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--perplexity-only", action="store_true", help="skip the tasks (SmolLM2's check)")
     args = parser.parse_args()
     out = args.out or Path(f"benchmarks/results/quality-{args.model}")
     out.mkdir(parents=True, exist_ok=True)
     dense = load(args.model)
     path = out / f"dense-{args.split}.json"
     if not path.is_file():
-        path.write_text(json.dumps(measure(dense.model, dense.tokenizer, args.split, None), indent=1))
+        measured = measure(dense.model, dense.tokenizer, args.split, None, not args.perplexity_only)
+        path.write_text(json.dumps(measured, indent=1))
     for sparsity in args.sparsity:
         for name in args.configs:
             path = out / f"{name}-s{round(sparsity * 100):02d}-{args.split}.json"
@@ -77,7 +81,8 @@ def main() -> None:
             started = time.perf_counter()
             pruned = prune(dense, sparsity=sparsity, **CONFIGS[name])
             seconds = time.perf_counter() - started
-            result = measure(pruned.model, pruned.tokenizer, args.split, pruned.record)
+            result = measure(pruned.model, pruned.tokenizer, args.split, pruned.record,
+                             not args.perplexity_only)
             result["prune"] = {k: v for k, v in pruned.record.items()
                                if k not in ("kept_dims", "calibration")}
             result["prune_seconds"] = seconds
@@ -88,5 +93,33 @@ def main() -> None:
             del pruned
 
 
+def table(out: Path, split: str) -> str:
+    """Markdown of every cached result of a split: the profiled-task average and PIQA (± standard error),
+    each configuration's paired difference to plain DIET at its sparsity, perplexity, prune time."""
+    tasks = [t for t in (TEST_TASKS if split == "test" else DEV_TASKS) if t != "piqa"]
+    rows = {p.name.removesuffix(f"-{split}.json"): json.loads(p.read_text())
+            for p in sorted(out.glob(f"*-{split}.json"))}
+    lines = [f"| configuration | {len(tasks)}-task avg | - diet (paired) | PIQA (held out) | perplexity | "
+             "prune s |", "|---|---:|---:|---:|---:|---:|"]
+    for name, result in rows.items():
+        plain = rows.get(f"diet-{name.rsplit('-', 1)[-1]}") if name != "dense" else None
+        cells = ["", "", ""]
+        if "tasks" in result:
+            cells[0] = f"{100 * average(result, tasks):.1f} ± {100 * average_stderr(result, tasks):.1f}"
+            if plain is not None and plain is not result and "correct" in plain["tasks"][tasks[0]]:
+                delta, err = paired_difference(result, plain, tasks)
+                cells[1] = f"{100 * delta:+.1f} ± {100 * err:.1f}"
+            if "piqa" in result["tasks"]:
+                piqa = result["tasks"]["piqa"]
+                cells[2] = f"{100 * piqa['acc']:.1f} ± {100 * piqa['acc_stderr']:.1f}"
+        seconds = f"{result['prune_seconds']:.0f}" if "prune_seconds" in result else ""
+        ppl = result["perplexity"]["perplexity"]
+        lines.append(f"| {name} | {' | '.join(cells)} | {ppl:,.1f} | {seconds} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--table"]:  # quality.py --table DIR SPLIT
+        print(table(Path(sys.argv[2]), sys.argv[3]))
+    else:
+        main()

@@ -159,7 +159,14 @@ def test_run_takes_every_prune_option(tiny_dir, tmp_path, capsys):
     assert set(report["prune"]["task_agreement"]) == {"rte", "boolq"}
     assert report["prune"]["recovery"]["alpha"] == 0.1
     assert report["pruned"]["tasks"]["piqa"]["n"] == 3 and report["dense"]["tasks"]["rte"]["n"] == 3
-    assert "| piqa (held out) | 3 |" in (out / "report.md").read_text()
+    table = (out / "report.md").read_text()
+    assert "| piqa (held out) | 3 |" in table
+    # the report sets the paper's DIET (block outputs, no recovery, the same K) beside the configured one,
+    # whose site auto became the linear layers' inputs because a refit follows
+    assert "| paper DIET acc | paper DIET - dense (paired) | diet+norm-site+lsq acc |" in table
+    assert report["prune"]["settings"]["site"] == "norm_output"
+    assert report["paper"]["tasks"]["rte"]["ids"] == report["pruned"]["tasks"]["rte"]["ids"]
+    assert report["disk_bytes"] == sum(f.stat().st_size for f in (out / "pruned").iterdir())
     pruned = json.loads((out / "pruned" / "dietprune.json").read_text())
     assert pruned["hidden_size_after"] == 36
     # the evaluations skipped every calibration example the pruned model records
@@ -199,7 +206,8 @@ def test_api_prunes_a_loaded_model_without_changing_it(tiny_dir, tmp_path):
     with pytest.raises(DietError, match="needs its tokenizer"):
         dietprune.prune(model)
     memory = {p.data_ptr() for p in model.parameters()}
-    in_place = dietprune.prune(model, tokenizer, sparsity=0.25, samples=4, tasks=("arc_easy",), in_place=True)
+    in_place = dietprune.prune(model, tokenizer, sparsity=0.25, samples=4, tasks=("arc_easy",), in_place=True,
+                               recover="none")  # a refit keeps the dense model as its target: no reuse then
     assert in_place.model.get_input_embeddings().weight.data_ptr() in memory  # the dense memory, reused
 
 

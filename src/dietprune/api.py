@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,11 +26,11 @@ from dietprune.device import compute_dtype, full_state_dict, place_like, resolve
 from dietprune.errors import DietError
 from dietprune.evaluate import dtype_name, excluded_ids, perplexity
 from dietprune.evaluate import evaluate as evaluate_tasks
-from dietprune.io import atomic_dir, check_output_path, read_json, write_json_atomic
+from dietprune.io import atomic_dir, check_output_path, read_json
 from dietprune.merge import agreement, kept_width, kept_width_step, merge
 from dietprune.methods import Context, get_method
 from dietprune.models.adapters import adapter_for
-from dietprune.models.edit import count_params
+from dietprune.models.edit import count_params, rebuild
 from dietprune.models.load import load_model, stored_dtype
 from dietprune.profile import ActivationStats
 from dietprune.report import run_report
@@ -104,6 +104,7 @@ def profile(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None,
     records with them (model, fingerprint, settings, the sample ids)."""
     calibration, runtime = settings_for(options, CalibrationSettings, RuntimeSettings,
                                         given=(calibration, runtime), command="profile")
+    calibration = calibration.for_recovery(PruneSettings().recover)  # the site `diet prune` would use
     loaded = _loaded(model, tokenizer, runtime)
     context = Context(loaded.model, loaded.tokenizer, calibration)
     stats = context.task_stats()
@@ -151,6 +152,9 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
     settings, calibration, runtime = settings_for(options, PruneSettings, CalibrationSettings,
                                                   RuntimeSettings, given=(settings, calibration, runtime))
     method = get_method(settings.method)
+    if settings.recover == "auto":  # the default, chosen by the rule in docs/RESULTS.md
+        settings = replace(settings, recover="full" if method.kind == "hidden" else "none")
+    calibration = calibration.for_recovery(settings.recover)
     if method.kind == "structural" and (settings.recover != "none" or scores is not None):
         raise DietError(f"{method.name} chooses its own structure, not a mask of hidden dims: "
                         "--recover and --scores do not apply")
@@ -162,6 +166,8 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
     step = kept_width_step(config, settings.round_to)
     k = kept_width(d, settings.sparsity, step)
     score_file = load_scores(scores) if scores is not None else None
+    if score_file is not None:  # the mask is chosen where the scores were profiled
+        calibration = replace(calibration, site=score_file[1]["settings"].get("site", calibration.site))
     if score_file is not None and score_file[1].get("hidden_size") != d:
         raise DietError(f"{scores} was profiled on a model of width {score_file[1].get('hidden_size')}, "
                         f"not {d}; profile this model")
@@ -245,13 +251,14 @@ def save(pruned: Pruned, out: str | Path, overwrite: bool = False, protected: tu
     copy of the weights); otherwise the model in memory stays as it is."""
     out = Path(out)
     check_output_path(out, overwrite, protected)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "replace" if overwrite else "refuse") as tmp:
         _write_checkpoint(pruned, tmp, in_place)
     return out
 
 
 def _write_checkpoint(pruned: Pruned, directory: Path, in_place: bool) -> None:
     model, dtype = pruned.model, pruned.save_dtype
+    record = pruned.record | {"saved_dtype": dtype_name(dtype)}
     state = None
     if model.dtype != dtype:
         if in_place and not hasattr(model, "hf_device_map"):
@@ -260,9 +267,12 @@ def _write_checkpoint(pruned: Pruned, directory: Path, in_place: bool) -> None:
             converted: dict[int, torch.Tensor] = {}
             state = {name: converted.setdefault(t.data_ptr(), t.to(dtype)) if t.is_floating_point() else t
                      for name, t in full_state_dict(model).items()}
+    serving = adapter_for(model.config).serving
+    if serving and (rewrite := serving(model.config, full_state_dict(model) if state is None else state)):
+        config, state, record["saved_as"] = rewrite  # the form engines run (models/serving.py)
+        model = rebuild(config, state, dtype)
     model.save_pretrained(directory, state_dict=state)
     pruned.tokenizer.save_pretrained(directory)
-    record = pruned.record | {"saved_dtype": dtype_name(dtype)}
     (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -312,16 +322,36 @@ def run(model: str | None, out: Path, prune_settings: PruneSettings | None = Non
     check_output_path(out, overwrite, protected=(local,) if local and local.exists() else ())
     loaded = load(model, runtime)
     dense_results = evaluate(loaded, settings=eval_settings, calibration=calibration)
+    compared = {}
+    paper = replace(prune_settings, recover="none")
+    site = calibration.for_recovery(prune_settings.recover).site
+    if prune_settings.method == "diet" and (prune_settings, site) != (paper, "block_output"):
+        paper_model = prune(loaded, settings=paper, calibration=replace(calibration, site="block_output"),
+                            runtime=runtime)  # the paper's DIET at the same K, beside the configured one
+        compared["paper DIET"] = evaluate(paper_model, settings=eval_settings, calibration=calibration)
+        del paper_model
     pruned = prune(loaded, settings=prune_settings, calibration=calibration, runtime=runtime, in_place=True)
     del loaded
     pruned_results = evaluate(pruned, settings=eval_settings, calibration=calibration)
     pruned_results["model"] = str(out / "pruned")
+    compared[_label(pruned.record) if compared else "pruned"] = pruned_results
     summary = {"prune": {k: v for k, v in pruned.record.items() if k != "kept_dims"},
                "dense": dense_results, "pruned": pruned_results, "heldout": list(eval_settings.heldout),
                "dtype": dtype_name(pruned.model.dtype)}
-    table = run_report(pruned.record, dense_results, pruned_results, tuple(eval_settings.heldout))
-    with atomic_dir(out) as tmp:
+    if "paper DIET" in compared:
+        summary["paper"] = compared["paper DIET"]
+    with atomic_dir(out, "replace" if overwrite else "refuse") as tmp:
         _write_checkpoint(pruned, tmp / "pruned", in_place=True)  # evaluated: it may change now
-        write_json_atomic(tmp / "report.json", summary)
+        summary["disk_bytes"] = sum(f.stat().st_size for f in (tmp / "pruned").iterdir())
+        saved = {"disk_bytes": summary["disk_bytes"], "saved_dtype": dtype_name(pruned.save_dtype)}
+        table = run_report(pruned.record | saved, dense_results, compared, tuple(eval_settings.heldout))
+        (tmp / "report.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         (tmp / "report.md").write_text(table + "\n")
     return summary | {"table": table}
+
+
+def _label(record: dict) -> str:
+    """A short name of how a model was pruned: method, activation site, recovery."""
+    settings = record["settings"]
+    return "+".join([settings["method"], *(["norm-site"] if settings["site"] == "norm_output" else []),
+                     *([settings["recover"]] if settings["recover"] != "none" else [])])

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -104,7 +106,7 @@ def cmd_profile(args, settings) -> None:
                           runtime=settings[RuntimeSettings])
     if not is_main_process():
         return
-    save_scores(args.out, stats, meta)
+    save_scores(args.out, stats, meta, "replace" if args.overwrite else "refuse")
     tokens = {task: s.tokens for task, s in stats.items()}
     print(json.dumps({"out": str(args.out), "tokens": tokens}) if args.json else
           f"wrote {args.out}: {len(stats)} tasks, {sum(tokens.values())} tokens")
@@ -130,17 +132,19 @@ def cmd_prune(args, settings) -> None:
 
 def cmd_eval(args, settings) -> None:
     from dietprune.api import evaluate
-    from dietprune.io import check_output_path, write_json_atomic
+    from dietprune.io import check_output_path, write_atomic, write_json_atomic
     from dietprune.report import markdown_table
 
     if args.out:
-        check_output_path(args.out, args.overwrite)
+        for path in (args.out, args.out.with_suffix(".md")):
+            check_output_path(path, args.overwrite)
     results = evaluate(args.model, settings=settings[EvalSettings], calibration=settings[CalibrationSettings],
                        runtime=settings[RuntimeSettings])
     table = markdown_table(results)
     if args.out:
-        write_json_atomic(args.out, results)
-        args.out.with_suffix(".md").write_text(table + "\n")
+        if_exists = "replace" if args.overwrite else "refuse"
+        write_json_atomic(args.out, results, if_exists)
+        write_atomic(args.out.with_suffix(".md"), table + "\n", if_exists)
     print(json.dumps(results["average"]) if args.json else table)
 
 
@@ -181,7 +185,7 @@ def cmd_bench(args, settings) -> None:
     runtime = settings[RuntimeSettings]
     result = bench(args.dense, args.pruned, settings[BenchSettings].repeats, runtime.dtype, runtime.device)
     if args.out:
-        write_json_atomic(args.out, result)
+        write_json_atomic(args.out, result, "replace" if args.overwrite else "refuse")
     print(json.dumps(result["speedup"], indent=2) if args.json else table(result))
 
 
@@ -289,9 +293,19 @@ def build_parser() -> Parser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send), raised where the program is, so clean-up runs as for Ctrl-C."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="diet: %(message)s")
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args = build_parser().parse_args(argv)
         progress.SETTINGS["enabled"] = not args.quiet
@@ -308,9 +322,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"diet: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("diet: terminated; no partial output was kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("diet: interrupted; no partial output was kept", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -3,3 +3,8 @@
 
 class DietError(Exception):
     """A user-facing error: the message names the problem and the fix, on one line."""
+
+
+class NotApplicable(DietError):
+    """A method that cannot be applied to this model (its architecture, or the parameter target): a sweep
+    reports it in that cell and goes on; any other error ends the sweep."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from dietprune.errors import DietError
-from dietprune.io import read_json
+from dietprune.io import atomic_file, read_json
 from dietprune.merge import normalised, task_votes
 from dietprune.scores import load_scores
 
@@ -60,8 +60,8 @@ def plot_scores(path: Path, png: Path, aggregation: str = "l1") -> None:
            title=f"{meta.get('model')}: per-task {aggregation} scores ({site})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

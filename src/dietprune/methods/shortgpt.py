@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from dietprune.calibration import ForwardPass, token_batches
-from dietprune.errors import DietError
+from dietprune.errors import NotApplicable
 from dietprune.methods.base import Method, nearest_units, require_tokens
 from dietprune.models.adapters import adapter_for
 from dietprune.models.edit import count_params, edited_config, rebuild
@@ -46,7 +46,7 @@ def shortgpt(model, tokenizer, texts: list[str], target_params: int, batch_size:
     total, per_layer = count_params(model), count_params(layers[0])
     n = nearest_units(total - target_params, per_layer)
     if n >= len(layers):
-        raise DietError(f"target {target_params} parameters needs removing {n} of {len(layers)} layers; "
+        raise NotApplicable(f"target {target_params} parameters needs removing {n} of {len(layers)} layers; "
                         "at least one layer must stay")
     influence = block_influence(model, tokenizer, texts, batch_size, max_length)
     removed = sorted(torch.argsort(influence, stable=True)[:n].tolist())

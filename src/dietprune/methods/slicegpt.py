@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dietprune.calibration import ForwardPass, token_batches
-from dietprune.errors import DietError
+from dietprune.errors import NotApplicable
 from dietprune.merge import kept_width_step
 from dietprune.methods.base import Method, require_tokens
 from dietprune.models.adapters import adapter_for
@@ -56,7 +56,7 @@ def check_rotatable(config) -> None:
     adapter = adapter_for(config)
     adapter.require("slicegpt", "norm_with_bias")
     if adapter.output_norms:
-        raise DietError(f"slicegpt needs pre-norm blocks; {adapter.name}'s post-norms "
+        raise NotApplicable(f"slicegpt needs pre-norm blocks; {adapter.name}'s post-norms "
                         f"({', '.join(adapter.output_norms)}) do not commute with a rotation")
 
 
@@ -114,7 +114,7 @@ def slicegpt(model: PreTrainedModel, tokenizer, texts: list[str], target_params:
     k = next((k for k in range(model.config.hidden_size - step, 0, -step)
               if sliced_param_count(model, k) <= target_params), None)
     if k is None:
-        raise DietError(f"slicegpt cannot reach {target_params:,} parameters: even the narrowest width "
+        raise NotApplicable(f"slicegpt cannot reach {target_params:,} parameters: even the narrowest width "
                         f"({step}, one per head) has more")
     explained = float(eigenvalues[order[:k]].sum() / eigenvalues.sum())
     sliced = slice_model(model, torch.arange(k), in_place=True)

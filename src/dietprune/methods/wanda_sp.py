@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dietprune.calibration import ForwardPass, token_batches
-from dietprune.errors import DietError
+from dietprune.errors import NotApplicable
 from dietprune.methods.base import Method, nearest_units, require_tokens
 from dietprune.models.adapters import adapter_for
 from dietprune.models.edit import accepts, count_params, edited_config, head_dim, rebuild
@@ -82,8 +82,9 @@ def wanda_sp(model, tokenizer, texts: list[str], target_params: int, batch_size:
     head_cut = min(allowed, key=lambda r: (abs(r - fraction * heads), r))
     channel_cut = nearest_units(budget - head_cut * head_cost, channel_cost)
     if channel_cut >= intermediate:
-        raise DietError(f"target {target_params} parameters needs removing {channel_cut} of {intermediate} "
-                        f"MLP channels after {head_cut} of {heads} heads per layer; at least one must stay")
+        raise NotApplicable(f"target {target_params} parameters needs removing {channel_cut} of "
+                            f"{intermediate} MLP channels after {head_cut} of {heads} heads per layer; "
+                            "at least one must stay")
 
     head_scores, channel_scores = wanda_sp_scores(model, tokenizer, texts, batch_size, max_length)
     groups = 1 if whole_heads else kv_heads

@@ -179,7 +179,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized: a plain checkpoint
     model = rebuild(config, quantized.state_dict(), torch.float32)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "discard") as tmp:  # a run beside this one converted it too
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": gguf.name, "stored_dtype": stored}) + "\n")

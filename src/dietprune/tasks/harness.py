@@ -17,16 +17,19 @@ an offline copy.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import json
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
 from dietprune.errors import DietError
+from dietprune.io import cannot_write
 from dietprune.tasks.data import ARROW_FILE, offline_root
 from dietprune.tasks.registry import TASKS, Example
 
@@ -83,9 +86,13 @@ def task_manager(name: str, data_source: str, include_path: tuple[str, ...]):
     lm_eval_tasks_dir()
     from lm_eval.tasks import TaskManager
 
-    overrides = Path(tempfile.mkdtemp(prefix="dietprune-lm-eval-"))
-    if data_source == "offline":
-        _offline_override(name, overrides)
+    try:  # lm-eval reads the override when the task is built: it lives until the process ends
+        overrides = Path(tempfile.mkdtemp(prefix="dietprune-lm-eval-"))
+        atexit.register(shutil.rmtree, overrides, True)
+        if data_source == "offline":
+            _offline_override(name, overrides)
+    except OSError as exc:
+        raise cannot_write(Path(tempfile.gettempdir()), exc) from exc
     paths = [str(overrides), *include_path]
     manager = TaskManager(include_path=paths, include_defaults=False)
     if name not in manager.all_tasks:

@@ -9,9 +9,10 @@ missed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from dietprune.errors import DietError
+from dietprune.errors import NotApplicable
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Adapter:
     (attention and MLP read the same norm output and write together), norm_with_bias (LayerNorm: centred
     and biased, so neither a slice nor a rotation of the stream is exact), fused_qkv (one matrix holds
     q, k and v, so heads cannot be cut one projection at a time).
+    serving: the exact rewrite (models/serving.py) that lets llama.cpp and vLLM run a pruned checkpoint.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Adapter:
     parallel_block: bool = False
     norm_with_bias: bool = False
     fused_qkv: bool = False
+    serving: Callable | None = None
 
     @property
     def attention(self) -> SubBlock:
@@ -96,5 +99,5 @@ class Adapter:
         """Refuse, with one line naming the algorithm, an architecture flagged with any of `absent`."""
         for flag in absent:
             if getattr(self, flag):
-                raise DietError(f"{algorithm} cannot handle {self.name}'s {flag.replace('_', ' ')}; "
+                raise NotApplicable(f"{algorithm} cannot handle {self.name}'s {flag.replace('_', ' ')}; "
                                 "this architecture is not supported for it")
