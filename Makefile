@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/diet run
+	$(BIN)/diet run --limit 40
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

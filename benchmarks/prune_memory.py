@@ -1,13 +1,15 @@
-"""Peak memory of `diet prune` relative to the model's weight bytes: the embedded Gemma-3 270M, and
-randomly initialised Gemma-3 models shaped like Gemma-3 1B and like Gemma-2 2B (same code path; random
-weights are enough to measure memory), to show how the ratio behaves once weights dominate the process.
+"""Peak memory of `diet prune` relative to the model's weight bytes, for the plain slice (the paper's,
+`--recover none`) and the default (with full recovery): the embedded Gemma-3 270M, and randomly
+initialised Gemma-3 models shaped like Gemma-3 1B and like Gemma-2 2B (same code path; random weights
+are enough to measure memory), to show how the ratio behaves once weights dominate the process.
 
-    .venv/bin/python benchmarks/prune_memory.py [--models embedded 1b 2b] [--out ...prune_memory.json]
+    .venv/bin/python benchmarks/prune_memory.py [--models embedded 1b 2b] [--recover none full]
 
-Rows of models not measured in this run are kept from the previous results file.
+Rows not measured in this run are kept from the previous results file.
 
 Each prune runs in its own process under `/usr/bin/time -v` (peak RSS = "Maximum resident set size"),
-with a fresh score cache; the 1B-shaped model profiles 8 samples per task (memory, not accuracy). The
+with a fresh score cache. The shaped models profile 8 samples per task, and with recovery 2 samples per
+task for both profiling and recovery (memory, not accuracy: a 2-core CPU runs a 2.6B model slowly). The
 process baseline (Python + torch + transformers imported, tokenizer loaded) is measured separately.
 """
 
@@ -56,28 +58,32 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[int, str, str]:
     return peak, wall, run.stdout
 
 
-def peak_rss_of_prune(model: str, out: Path, cache: Path, samples: int) -> dict:
+def peak_rss_of_prune(model: str, out: Path, cache: Path, options: list[str]) -> dict:
     argv = [sys.executable, "-m", "dietprune.cli", "--quiet", "prune", "--model", model, "--out", str(out),
-            "--samples", str(samples), "--json"]
+            *options, "--json"]
     peak, wall, stdout = timed(argv, os.environ | {"DIETPRUNE_CACHE": str(cache)})
     return {"peak_rss_bytes": peak, "wall": wall, "summary": json.loads(stdout)}
 
 
-def measure(name: str, model_dir: Path, work: Path, samples: int) -> dict:
+def measure(name: str, model_dir: Path, work: Path, recover: str, samples: int, recover_samples: int = 32
+            ) -> dict:
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     baseline = timed([sys.executable, "-c", BASELINE, str(model_dir)])[0]
-    cache = work / f"cache-{name}"
+    cache = work / f"cache-{name}-{recover}"
     (cache / "models").mkdir(parents=True)
-    result = peak_rss_of_prune(str(model_dir), work / f"pruned-{name}", cache, samples)
+    options = ["--recover", recover, "--samples", str(samples), "--recover-samples", str(recover_samples)]
+    result = peak_rss_of_prune(str(model_dir), work / f"pruned-{name}-{recover}", cache, options)
     peak = result["peak_rss_bytes"]
-    return {"model": name, "weight_bytes": weights, "baseline_rss_bytes": baseline, **result,
-            "peak_over_weights": peak / weights,
+    return {"model": name, "recover": recover, "samples": samples,
+            "recover_samples": recover_samples if recover != "none" else 0, "weight_bytes": weights,
+            "baseline_rss_bytes": baseline, **result, "peak_over_weights": peak / weights,
             "peak_minus_baseline_over_weights": (peak - baseline) / weights}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=("embedded", *SHAPES), default=["embedded", *SHAPES])
+    parser.add_argument("--recover", nargs="+", choices=("none", "full"), default=["none", "full"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_memory.json"))
     args = parser.parse_args()
     from transformers import AutoConfig, AutoTokenizer
@@ -85,12 +91,14 @@ def main() -> None:
     from dietprune.models.load import resolve
 
     embedded = Path(resolve("gemma-3-270m").path)
-    rows = {row["model"]: row for row in json.loads(args.out.read_text())} if args.out.is_file() else {}
+    old = json.loads(args.out.read_text()) if args.out.is_file() else []
+    rows = {(row["model"], row.get("recover", "none")): row for row in old}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "embedded" in args.models:
-            rows["gemma-3-270m"] = measure("gemma-3-270m", embedded, work, samples=100)
-            print(json.dumps(rows["gemma-3-270m"]), flush=True)
+            for recover in args.recover:
+                row = rows["gemma-3-270m", recover] = measure("gemma-3-270m", embedded, work, recover, 100)
+                print(json.dumps(row), flush=True)
         for key in (m for m in args.models if m in SHAPES):
             name, shape = SHAPES[key]
             config = AutoConfig.from_pretrained(embedded)
@@ -102,8 +110,10 @@ def main() -> None:
             config.save_pretrained(big)
             subprocess.run([sys.executable, "-c", RANDOM_MODEL, str(big)], check=True)  # its memory goes
             AutoTokenizer.from_pretrained(embedded).save_pretrained(big)
-            rows[name] = measure(name, big, work, samples=8)
-            print(json.dumps(rows[name]), flush=True)
+            for recover in args.recover:
+                samples = (8,) if recover == "none" else (2, 2)
+                row = rows[name, recover] = measure(name, big, work, recover, *samples)
+                print(json.dumps(row), flush=True)
             shutil.rmtree(big)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(list(rows.values()), indent=1) + "\n")

@@ -167,6 +167,7 @@ def test_run_takes_every_prune_option(tiny_dir, tmp_path, capsys):
     assert report["prune"]["settings"]["site"] == "norm_output"
     assert report["paper"]["tasks"]["rte"]["ids"] == report["pruned"]["tasks"]["rte"]["ids"]
     assert report["disk_bytes"] == sum(f.stat().st_size for f in (out / "pruned").iterdir())
+    assert (out / "report.png").read_bytes().startswith(b"\x89PNG")
     pruned = json.loads((out / "pruned" / "dietprune.json").read_text())
     assert pruned["hidden_size_after"] == 36
     # the evaluations skipped every calibration example the pruned model records

@@ -18,9 +18,8 @@ KEEP = torch.randperm(HIDDEN, generator=torch.Generator().manual_seed(0))[:32]
 @pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
 def test_nothing_pruned_changes_nothing(model_type):
     model = tiny_model(model_type)
-    sliced = slice_model(model, torch.arange(HIDDEN))
-    before = {k: v.clone() for k, v in sliced.state_dict().items()}
-    recover(model, sliced, tiny_tokenizer(), TEXTS, torch.arange(HIDDEN), parts=PARTS)
+    before = slice_model(model, torch.arange(HIDDEN)).state_dict()
+    sliced = recover(model, tiny_tokenizer(), TEXTS, torch.arange(HIDDEN), parts=PARTS)
     assert all(torch.allclose(before[k], v, rtol=1e-4, atol=1e-5) for k, v in sliced.state_dict().items())
 
 
@@ -45,9 +44,8 @@ def test_recovery_moves_the_pruned_model_towards_the_dense_one(model_type, parts
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         dense = model(**batch).logits[real]
-        sliced = slice_model(model, KEEP)
-        plain_error = (sliced(**batch).logits[real] - dense).pow(2).mean()
-        recover(model, sliced, tok, TEXTS, KEEP, parts=parts)
+        plain_error = (slice_model(model, KEEP)(**batch).logits[real] - dense).pow(2).mean()
+        sliced = recover(model, tok, TEXTS, KEEP, parts=parts)
         repaired_error = (sliced(**batch).logits[real] - dense).pow(2).mean()
     assert repaired_error < 0.7 * plain_error
     assert sliced.config.hidden_size == len(KEEP)  # same shapes as the plain sliced model
@@ -55,9 +53,18 @@ def test_recovery_moves_the_pruned_model_towards_the_dense_one(model_type, parts
 
 def test_deterministic():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    runs = []
-    for _ in range(2):
-        sliced = slice_model(model, KEEP)
-        recover(model, sliced, tok, TEXTS, KEEP)
-        runs.append(sliced.state_dict())
+    runs = [recover(model, tok, TEXTS, KEEP, parts=PARTS).state_dict() for _ in range(2)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
+def test_in_place_recovery_frees_each_dense_block_and_gives_the_same_model(model_type):
+    """Sliced and refit block by block in the dense model's memory: the result of the copying run, and
+    no dense block left (each was freed after its refit)."""
+    tok = tiny_tokenizer()
+    copied = recover(tiny_model(model_type), tok, TEXTS, KEEP, parts=PARTS).state_dict()
+    dense = tiny_model(model_type)
+    in_place = recover(dense, tok, TEXTS, KEEP, parts=PARTS, in_place=True).state_dict()
+    assert copied.keys() == in_place.keys()
+    assert all(torch.equal(copied[k], in_place[k]) for k in copied)
+    assert all(p.device.type == "meta" for p in dense.model.layers.parameters())

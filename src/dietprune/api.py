@@ -33,7 +33,7 @@ from dietprune.models.adapters import adapter_for
 from dietprune.models.edit import count_params, rebuild
 from dietprune.models.load import load_model, stored_dtype
 from dietprune.profile import ActivationStats
-from dietprune.report import run_report
+from dietprune.report import run_plot, run_report
 from dietprune.scores import load_scores
 from dietprune.settings import (
     CalibrationSettings,
@@ -192,11 +192,11 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
         else:
             stats = method.scores(context, settings)
         keep, agreement_by_task = choose_dims(stats, k, settings)
-        # recovery needs the dense model beside the sliced one; otherwise slice in the dense model's memory
-        pruned = slice_model(dense, keep, in_place=in_place and settings.recover == "none")
         record |= {"kept_dims": keep.tolist(), "task_agreement": agreement_by_task}
-        if settings.recover != "none":
-            record["recovery"] = _recover(dense, pruned, keep, context, settings)
+        if settings.recover == "none":
+            pruned = slice_model(dense, keep, in_place)
+        else:
+            pruned, record["recovery"] = _recover(dense, keep, context, settings, in_place)
     if hasattr(dense, "hf_device_map"):  # dispatched by accelerate: the pruned model is placed alike
         pruned = place_like(pruned, dense, runtime.device_map or "auto")
     save_dtype = loaded.stored_dtype if runtime.save_dtype == "auto" else getattr(torch, runtime.save_dtype)
@@ -226,8 +226,9 @@ def _merged_names(names: list[str], merge_tasks: tuple[str, ...]) -> list[str]:
     return [n for n in names if n in merge_tasks]
 
 
-def _recover(dense, sliced, keep: torch.Tensor, context: Context, settings: PruneSettings) -> dict:
-    """Refit the sliced model on the first calibration samples of each task; record them."""
+def _recover(dense, keep: torch.Tensor, context: Context, settings: PruneSettings, in_place: bool
+             ) -> tuple[PreTrainedModel, dict]:
+    """The slice of `dense` refit on the first calibration samples of each task, and its record."""
     from dietprune.recover import PARTS, recover
 
     started = time.perf_counter()
@@ -237,9 +238,9 @@ def _recover(dense, sliced, keep: torch.Tensor, context: Context, settings: Prun
         used["ids"] += [i for i in corpus.ids if i not in used["ids"]]
     texts = [text for corpus in corpora for text in corpus.texts]
     parts = ("readers",) if settings.recover == "lsq" else PARTS
-    recover(dense, sliced, context.tokenizer, texts, keep, settings.recover_alpha,
-            context.settings.batch_size, context.settings.max_length, parts)
-    return {"method": settings.recover, "parts": list(parts), "alpha": settings.recover_alpha,
+    pruned = recover(dense, context.tokenizer, texts, keep, settings.recover_alpha,
+                     context.settings.batch_size, context.settings.max_length, parts, in_place)
+    return pruned, {"method": settings.recover, "parts": list(parts), "alpha": settings.recover_alpha,
             "seconds": round(time.perf_counter() - started, 1),
             "tasks": {corpus.name: {"ids": list(corpus.ids)} for corpus in corpora}}
 
@@ -347,6 +348,7 @@ def run(model: str | None, out: Path, prune_settings: PruneSettings | None = Non
         table = run_report(pruned.record | saved, dense_results, compared, tuple(eval_settings.heldout))
         (tmp / "report.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         (tmp / "report.md").write_text(table + "\n")
+        run_plot({"dense": dense_results, **compared}, tuple(eval_settings.heldout), tmp / "report.png")
     return summary | {"table": table}
 
 

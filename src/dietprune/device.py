@@ -60,12 +60,15 @@ def is_offloaded(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def cpu_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) of every tensor in the model's state dict, in its order; modules accelerate
-    offloaded are onloaded one at a time, so memory holds one module's weights at most."""
+def cpu_tensors(model: nn.Module, without: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) of every tensor in the model's state dict, in its order, except those under the
+    prefix `without`; modules accelerate offloaded are onloaded one at a time, so memory holds one
+    module's weights at most."""
     from accelerate.utils import align_module_device
 
     for prefix, module in model.named_modules():
+        if without and f"{prefix}.".startswith(without):
+            continue
         with align_module_device(module, torch.device("cpu")):
             own = [*module.named_parameters(recurse=False), *(
                 (name, b) for name, b in module.named_buffers(recurse=False)
@@ -74,10 +77,12 @@ def cpu_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield (f"{prefix}.{name}" if prefix else name), tensor.detach().cpu()
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with real tensors: as it is when nothing is offloaded, else every tensor
-    in CPU memory (offloaded modules onloaded one at a time)."""
-    return dict(cpu_tensors(model)) if is_offloaded(model) else model.state_dict()
+def full_state_dict(model: nn.Module, without: str | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict with real tensors, except those under the prefix `without`: as it is when
+    nothing is offloaded, else every tensor in CPU memory (offloaded modules onloaded one at a time)."""
+    if is_offloaded(model):
+        return dict(cpu_tensors(model, without))
+    return {n: t for n, t in model.state_dict().items() if not without or not n.startswith(without)}
 
 
 @contextlib.contextmanager

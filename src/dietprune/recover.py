@@ -27,21 +27,26 @@ the calibration data does not excite keep their sliced values. lam = alpha x the
 Gram matrix (alpha = 0.01, GPTQ's dampening). Statistics are float64.
 
 Memory holds the hidden states of the calibration tokens and one block's statistics, never per-token
-activations of a whole model. The dense model may be dispatched by accelerate with layers offloaded to
-CPU memory or disk: each dense layer is onloaded for its own step.
+activations of a whole model, and never two models: blocks are sliced and refit one at a time
+(`slice_model(..., on_block=...)`), each dense block freed once its refit is done. The dense model may
+be dispatched by accelerate with layers offloaded to CPU memory or disk: each dense layer is onloaded
+for its own step.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from dietprune.calibration import ForwardPass, StopForward, token_batches
 from dietprune.device import execution_device, onloaded
 from dietprune.models.adapters import adapter_for
 from dietprune.progress import progress
+from dietprune.slice import head_scale, slice_model
 
 PARTS = ("readers", "writers", "norms", "head")
 
@@ -111,22 +116,27 @@ def _capture(layer: nn.Module, taps: dict[str, str], hidden, kwargs, index, mask
 
 
 @torch.inference_mode()
-def recover(dense: nn.Module, pruned: nn.Module, tokenizer, texts: list[str], keep: torch.Tensor,
-            alpha: float = 0.01, batch_size: int = 8, max_length: int = 1024,
-            parts: tuple[str, ...] = ("readers",)) -> None:
-    """Refit the `parts` of `pruned` (the slice of `dense` to the dims `keep`) in place so that its
-    modules' outputs match `dense`'s on `texts` (see the module doc)."""
+def recover(dense: PreTrainedModel, tokenizer, texts: list[str], keep: torch.Tensor, alpha: float = 0.01,
+            batch_size: int = 8, max_length: int = 1024, parts: tuple[str, ...] = ("readers",),
+            in_place: bool = False) -> PreTrainedModel:
+    """The slice of `dense` to the dims `keep` with its `parts` refit so that its modules' outputs match
+    `dense`'s on `texts` (see the module doc). Blocks are sliced and refit one at a time, so `in_place`
+    (`dense` is destroyed) holds one model plus one block, never a second copy."""
     adapter = adapter_for(dense.config)
     keep = torch.as_tensor(keep).sort().values  # the slice's order
     batches = token_batches(tokenizer, texts, batch_size, max_length)
     masks = [b["attention_mask"] for b in batches]
     dense_hidden, kwargs = _layer_inputs(dense, batches)
-    pruned_hidden, _ = _layer_inputs(pruned, batches, every_layer=False)
+    head = _HeadTarget(dense, keep) if "head" in parts else None  # needs the dense head: before slicing
+    pruned_hidden: list[torch.Tensor] = []
     c = math.sqrt(len(keep) / dense.config.hidden_size)
-    dense_layers = dense.get_submodule(adapter.layers)
-    pruned_layers = pruned.get_submodule(adapter.layers)
-    for index in progress(range(len(dense_layers)), desc="recover", unit="block"):
-        dense_layer, pruned_layer = dense_layers[index], pruned_layers[index]
+    bar = progress(total=len(dense.get_submodule(adapter.layers)), desc="recover", unit="block")
+
+    def refit_block(pruned: nn.Module, index: int, dense_layer: nn.Module) -> None:
+        nonlocal dense_hidden, pruned_hidden
+        if index == 0:
+            pruned_hidden = _layer_inputs(pruned, batches, every_layer=False)[0]
+        pruned_layer = pruned.get_submodule(adapter.layers)[index]
         taps = {}
         for block in adapter.sub_blocks:
             taps[block.readers[0]] = "input"  # the readers of a block share their input
@@ -153,8 +163,13 @@ def recover(dense: nn.Module, pruned: nn.Module, tokenizer, texts: list[str], ke
                         _refit_gain(norm, adapter.norm_offset, c * targets[tapped][:, keep.to(
                             targets[tapped].device)], _normalised(norm, inputs[tapped]), alpha)
         pruned_hidden = _capture(pruned_layer, {}, pruned_hidden, kwargs, index, masks)[1]
-    if "head" in parts:
-        _refit_head(dense, pruned, adapter, dense_hidden, pruned_hidden, masks, alpha)
+        bar.update()
+
+    pruned = slice_model(dense, keep, in_place, on_block=refit_block)
+    bar.close()
+    if head is not None:
+        head.refit(pruned, dense_hidden, pruned_hidden, masks, alpha)
+    return pruned
 
 
 def _ridge(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -212,29 +227,40 @@ def _refit_gain(norm: nn.Module, offset: float, target: torch.Tensor, b: torch.T
     norm.weight.copy_((a - offset).to(norm.weight.device, norm.weight.dtype))
 
 
-@torch.no_grad()
-def _refit_head(dense: nn.Module, pruned: nn.Module, adapter, dense_hidden, pruned_hidden, masks,
-                alpha: float) -> None:
-    """Refit the pruned final norm's gains so its logits match the dense model's (see the module doc)."""
-    dense_norm, norm = dense.get_submodule(adapter.final_norm), pruned.get_submodule(adapter.final_norm)
+class _HeadTarget:
+    """What the head refit needs from the dense model, taken before the slice may overwrite it: the
+    final norm, and the Gram matrix G = E^T E of the LM head E (d x d, float64). The sliced head is
+    E' = s E[:, kept], so E'^T E' = s^2 G[kept, kept] and E'^T E = s G[kept, :]."""
 
-    def rows(hidden: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([h[m.to(h.device).bool()] for h, m in zip(hidden, masks, strict=True)])
+    def __init__(self, dense: PreTrainedModel, keep: torch.Tensor) -> None:
+        adapter = adapter_for(dense.config)
+        self.norm = copy.deepcopy(dense.get_submodule(adapter.final_norm))
+        self.offset, self.final_norm = adapter.norm_offset, adapter.final_norm
+        self.keep, self.scale = keep, head_scale(dense, len(keep))
+        head = dense.get_output_embeddings()
+        with onloaded(head):
+            weight = head.weight
+            device = weight.device
+            self.gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=device)
+            for start in range(0, weight.shape[0], 1 << 15):  # vocabulary chunks: bounded float64 copies
+                rows = weight[start:start + (1 << 15)].to(torch.float64)
+                self.gram += rows.T @ rows
 
-    device = execution_device(norm)
-    n = dense_norm(rows(dense_hidden).to(execution_device(dense_norm))).to(device, torch.float64)
-    b = _normalised(norm, rows(pruned_hidden).to(device, torch.float64))
-    head = pruned.get_output_embeddings().weight
-    dense_head = dense.get_output_embeddings().weight
-    gram, rhs = 0, 0
-    for start in range(0, head.shape[0], 1 << 15):  # vocabulary chunks: bounded float64 copies
-        e_pruned = head[start:start + (1 << 15)].to(device, torch.float64)
-        e_dense = dense_head[start:start + (1 << 15)].to(device, torch.float64)
-        gram = gram + e_pruned.T @ e_pruned  # K x K
-        rhs = rhs + e_pruned.T @ e_dense  # K x d
-    system = gram * (b.T @ b)
-    rhs = (rhs * (n.T @ b).T).sum(1)
-    a0 = adapter.norm_offset + norm.weight.to(device, torch.float64)
-    lam = alpha * system.diagonal()
-    a = torch.linalg.solve(system + torch.diag(lam), rhs + lam * a0)
-    norm.weight.copy_((a - adapter.norm_offset).to(norm.weight.device, norm.weight.dtype))
+    @torch.no_grad()
+    def refit(self, pruned: nn.Module, dense_hidden, pruned_hidden, masks, alpha: float) -> None:
+        """Refit the pruned final norm's gains so its logits match the dense model's (see the module doc)."""
+        norm = pruned.get_submodule(self.final_norm)
+
+        def rows(hidden: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([h[m.to(h.device).bool()] for h, m in zip(hidden, masks, strict=True)])
+
+        device = execution_device(norm)
+        n = self.norm(rows(dense_hidden).to(execution_device(self.norm))).to(device, torch.float64)
+        b = _normalised(norm, rows(pruned_hidden).to(device, torch.float64))
+        keep, gram = self.keep.to(self.gram.device), self.gram
+        system = (self.scale ** 2 * gram[keep][:, keep]).to(device) * (b.T @ b)
+        rhs = ((self.scale * gram[keep]).to(device) * (n.T @ b).T).sum(1)
+        a0 = self.offset + norm.weight.to(device, torch.float64)
+        lam = alpha * system.diagonal()
+        a = torch.linalg.solve(system + torch.diag(lam), rhs + lam * a0)
+        norm.weight.copy_((a - self.offset).to(norm.weight.device, norm.weight.dtype))

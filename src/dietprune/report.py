@@ -1,5 +1,5 @@
 """Human-readable reports from the JSON results: evaluation tables, dense vs pruned, prune summaries,
-sweep tables in the paper's shape, and the sweep plot."""
+sweep tables in the paper's shape, and the plots of a sweep and of a run."""
 
 from __future__ import annotations
 
@@ -214,10 +214,41 @@ def plot(results: dict, variants, sparsities, recoveries, png: Path) -> None:
         for recover in recoveries:
             ys = [100 * average(results["cells"][cell_name(variant, s, recover)], profiled)
                   for s in sparsities]
-            ax.plot([100 * s for s in sparsities], ys, marker="o", ls="--" if recover == "lsq" else "-",
-                    label=variant + (" + lsq" if recover == "lsq" else ""))
+            ax.plot([100 * s for s in sparsities], ys, marker="o", ls="-" if recover == "none" else "--",
+                    label=variant + ("" if recover == "none" else f" + {recover}"))
     ax.set(xlabel="sparsity (% of hidden dims removed)", ylabel="average acc (%)",
            title=f"{len(profiled)}-task average, {results['limit']} examples per task")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def run_plot(models: dict[str, dict], heldout: tuple[str, ...], png: Path) -> None:
+    """Per-task accuracy (± standard error) of each model of a run side by side, then the average over
+    the profiled tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(models.values()))
+    tasks = list(first["tasks"])
+    profiled = [t for t in tasks if t not in heldout]
+    groups = [*tasks, "avg"]
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(groups), 3.6))
+    for i, (label, results) in enumerate(models.items()):
+        ys = [100 * results["tasks"][t]["acc"] for t in tasks] + [100 * average(results, profiled)]
+        errs = [100 * results["tasks"][t]["acc_stderr"] for t in tasks] + [
+            100 * average_stderr(results, profiled)]
+        ax.bar([g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))], ys, width, yerr=errs,
+               capsize=2, label=label)
+    ax.set_xticks(range(len(groups)),
+                  [f"{g}\n(held out)" if g in heldout else g for g in groups], fontsize=7)
+    ax.set(ylabel="acc (%)", title=f"{first['tasks'][tasks[0]]['n']} examples per task; avg = "
+           f"{len(profiled)} profiled tasks")
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_file(png) as tmp:

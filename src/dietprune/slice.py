@@ -16,11 +16,13 @@ The sliced model then equals the masked one exactly in exact arithmetic.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
-from dietprune.device import full_state_dict
+from dietprune.device import full_state_dict, is_offloaded
 from dietprune.errors import DietError
 from dietprune.models.adapters import Adapter, adapter_for
 from dietprune.models.edit import edited_config, rebuild
@@ -51,6 +53,12 @@ def _roles(model: PreTrainedModel, k: int) -> dict[str, tuple[str, float]]:
     return roles
 
 
+def head_scale(model: PreTrainedModel, k: int) -> float:
+    """The factor the LM head's kept columns are multiplied by in a slice to width k."""
+    module_names = {module: name for name, module in model.named_modules()}
+    return _roles(model, k)[module_names[model.get_output_embeddings()]][1]
+
+
 def sliced_param_count(model: PreTrainedModel, k: int) -> int:
     """Parameters of `model` sliced to width k (tied weights counted once), without slicing it."""
     roles, d = _roles(model, k), model.config.hidden_size
@@ -68,17 +76,22 @@ def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor, in_place: bool
     mask. `in_place` writes each sliced matrix over the front of the dense one's memory (no second copy
     of the weights; `model` is unusable afterwards). Weights accelerate offloaded are read into CPU
     memory first (see `full_state_dict`)."""
-    adapter = adapter_for(model.config)
-    roles = _roles(model, len(keep))
-    state, done = {}, {}
-    for name, tensor in full_state_dict(model).items():
-        module, _, kind = name.rpartition(".")
+    return _sliced(full_state_dict(model), "", _roles(model, len(keep)), keep, adapter_for(model.config),
+                   in_place)
+
+
+def _sliced(state: dict[str, torch.Tensor], prefix: str, roles: dict[str, tuple[str, float]],
+            keep: torch.Tensor, adapter: Adapter, in_place: bool) -> dict[str, torch.Tensor]:
+    """`state` (names relative to the module `prefix`) sliced by the roles of the whole model's modules."""
+    sliced, done = {}, {}
+    for name, tensor in state.items():
+        module, _, kind = (prefix + name).rpartition(".")
         role, scale = roles.get(module, (None, 1.0))
         key = (tensor.data_ptr(), tensor.shape, role, kind, scale)  # tied weights are sliced once
         if key not in done:
             done[key] = _slice_tensor(tensor, role, kind, scale, keep, adapter, in_place)
-        state[name] = done[key]
-    return state
+        sliced[name] = done[key]
+    return sliced
 
 
 def _slice_tensor(tensor: torch.Tensor, role: str | None, kind: str, scale: float,
@@ -125,10 +138,15 @@ def _keep_rows(matrix: torch.Tensor, keep: torch.Tensor, in_place: bool) -> torc
     return matrix[:len(keep)]
 
 
-def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False) -> PreTrainedModel:
+def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False,
+                on_block: Callable[[PreTrainedModel, int, nn.Module], None] | None = None) -> PreTrainedModel:
     """A new model of width len(keep) that computes what `masked(model, keep)` computes.
 
-    `in_place` reuses the dense weights' memory (peak memory stays near one model; `model` is destroyed)."""
+    `in_place` reuses the dense weights' memory (peak memory stays near one model; `model` is destroyed).
+    `on_block(sliced, i, dense_block)`, if given, runs after block i is sliced, while the dense block i
+    is still intact; the model's other tensors are sliced before block 0 (recovery refits block by
+    block). In place, blocks are then sliced as copies and each dense block is freed after its call:
+    memory holds one model plus one block."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     d, k = model.config.hidden_size, len(keep)
     if not 0 < k <= d or len(keep.unique()) != k or keep.max() >= d:
@@ -136,5 +154,18 @@ def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = Fal
     if k % model.config.num_attention_heads:
         raise DietError(f"kept width {k} is not a multiple of the {model.config.num_attention_heads} "
                         "attention heads; use --round-to so K is")
-    state = sliced_state_dict(model, keep, in_place)
-    return rebuild(edited_config(model.config, {"hidden_size": k}), state, next(model.parameters()).dtype)
+    config, dtype = edited_config(model.config, {"hidden_size": k}), next(model.parameters()).dtype
+    if on_block is None:
+        return rebuild(config, sliced_state_dict(model, keep, in_place), dtype)
+    adapter, roles = adapter_for(model.config), _roles(model, k)
+    blocks = model.get_submodule(adapter.layers)
+    prefix = adapter.layers + "."
+    rest = _sliced(full_state_dict(model, without=prefix), "", roles, keep, adapter, in_place)
+    sliced = rebuild(config, rest, dtype, partial=prefix)
+    for i, (block, sliced_block) in enumerate(zip(blocks, sliced.get_submodule(adapter.layers), strict=True)):
+        state = _sliced(full_state_dict(block), f"{prefix}{i}.", roles, keep, adapter, in_place=False)
+        sliced_block.load_state_dict(state, strict=True, assign=True)
+        on_block(sliced, i, block)
+        if in_place and not is_offloaded(block):
+            block.to("meta")  # the dense block's memory is free again
+    return sliced

@@ -44,15 +44,19 @@ def accepts(config, changes: dict) -> bool:
     return True
 
 
-def rebuild(config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
+def rebuild(config, state: dict[str, torch.Tensor], dtype: torch.dtype, partial: str | None = None
+            ) -> PreTrainedModel:
     """A stock model built from `config` holding `state`, loaded strictly (every key, every shape) and
-    without copies: parameters start on "meta" and are assigned the given tensors."""
+    without copies: parameters start on "meta" and are assigned the given tensors. With `partial`, the
+    tensors under that prefix may be missing: they stay on "meta" until the caller assigns them."""
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are built from the config
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # a tensor made under inference mode (accelerate onloads offloaded weights as such) cannot become a
     # Parameter: those few are copied
     state = {name: t.clone() if t.is_inference() else t for name, t in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=partial is None, assign=True)
+    if unexpected or any(not name.startswith(partial) for name in missing):
+        raise RuntimeError(f"state does not fit the model: missing {missing}, unexpected {unexpected}")
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()
