@@ -69,15 +69,20 @@ for ids in tokens:
     llm.reset()
     llm.eval(ids)
     out["logits"].append(np.asarray(llm.scores[len(ids) - 1]).tolist())
-if generate:
-    llm.reset()
-    started = time.perf_counter()
-    llm.eval(tokens[0] * 16)
-    out["prompt_tokens_per_s"] = 16 * len(tokens[0]) / (time.perf_counter() - started)
-    started = time.perf_counter()
-    for _ in range(generate):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    out["generate_tokens_per_s"] = generate / (time.perf_counter() - started)
+if generate:  # a prompt of about 256 tokens, then `generate` greedy tokens; one warm-up, median of 5
+    prompt = (tokens[0] * 256)[:256]
+    prefill, decode = [], []
+    for _ in range(6):
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        prefill.append(len(prompt) / (time.perf_counter() - started))
+        started = time.perf_counter()
+        for _ in range(generate):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        decode.append(generate / (time.perf_counter() - started))
+    out["prompt_tokens_per_s"] = float(np.median(prefill[1:]))
+    out["generate_tokens_per_s"] = float(np.median(decode[1:]))
 print(json.dumps(out))
 """
 
@@ -121,7 +126,8 @@ def compare(checkpoint: Path, tokens: list[list[int]] | None = None) -> dict:
 
 
 def speed(checkpoint: Path, generate: int = 64) -> dict:
-    """llama.cpp tokens per second of an F16 conversion (2 threads, the same prompt for every model)."""
+    """llama.cpp tokens per second of an F16 conversion (2 threads, the same 256-token prompt for every
+    model, one warm-up, median of 5)."""
     from transformers import AutoTokenizer
 
     tokens = [AutoTokenizer.from_pretrained(checkpoint)(PROMPTS[0])["input_ids"]]

@@ -107,6 +107,23 @@ def test_gguf_records_the_dtype_it_stores(tmp_path):
     assert _check_gguf_types(write("q8.gguf", [None, gguf.GGMLQuantizationType.Q8_0])) == "bfloat16"
 
 
+def test_a_conversion_without_its_record_is_made_again(tmp_path, monkeypatch):
+    """A GGUF cache converted before the stored dtype was recorded would save pruned models in float32:
+    it is converted again, replacing the old one; a complete cache is reused."""
+    from dietprune.models import load
+
+    calls = []
+    monkeypatch.setattr(load, "_convert_gguf", lambda gguf, target, if_exists: calls.append(if_exists))
+    target = tmp_path / "m"
+    load._converted(tmp_path / "x.gguf", target)  # nothing there yet
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    load._converted(tmp_path / "x.gguf", target)  # an old conversion: no record
+    (target / load.SOURCE_RECORD).write_text('{"stored_dtype": "bfloat16"}')
+    load._converted(tmp_path / "x.gguf", target)  # complete
+    assert calls == ["discard", "replace"]
+
+
 def test_a_model_larger_than_the_device_is_refused_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
     import dietprune.device
 

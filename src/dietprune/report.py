@@ -247,9 +247,9 @@ def run_plot(models: dict[str, dict], heldout: tuple[str, ...], png: Path) -> No
                capsize=2, label=label)
     ax.set_xticks(range(len(groups)),
                   [f"{g}\n(held out)" if g in heldout else g for g in groups], fontsize=7)
-    ax.set(ylabel="acc (%)", title=f"{first['tasks'][tasks[0]]['n']} examples per task; avg = "
-           f"{len(profiled)} profiled tasks")
-    ax.legend(fontsize=7)
+    ax.set(ylabel="acc (%)", ylim=(0, 100), title=f"{first['tasks'][tasks[0]]['n']} examples per task; "
+           f"avg = {len(profiled)} profiled tasks")
+    ax.legend(fontsize=7, loc="upper center", ncol=len(models))
     fig.tight_layout()
     with atomic_file(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

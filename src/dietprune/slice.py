@@ -145,8 +145,9 @@ def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = Fal
     `in_place` reuses the dense weights' memory (peak memory stays near one model; `model` is destroyed).
     `on_block(sliced, i, dense_block)`, if given, runs after block i is sliced, while the dense block i
     is still intact; the model's other tensors are sliced before block 0 (recovery refits block by
-    block). In place, blocks are then sliced as copies and each dense block is freed after its call:
-    memory holds one model plus one block."""
+    block). In place, each block is then sliced as a copy and, after its call, moved into the front of
+    the dense block's memory: memory holds one model plus one block (also when the dense weights are
+    memory-mapped from their file, where freeing a block would return nothing)."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     d, k = model.config.hidden_size, len(keep)
     if not 0 < k <= d or len(keep.unique()) != k or keep.max() >= d:
@@ -163,9 +164,20 @@ def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = Fal
     rest = _sliced(full_state_dict(model, without=prefix), "", roles, keep, adapter, in_place)
     sliced = rebuild(config, rest, dtype, partial=prefix)
     for i, (block, sliced_block) in enumerate(zip(blocks, sliced.get_submodule(adapter.layers), strict=True)):
-        state = _sliced(full_state_dict(block), f"{prefix}{i}.", roles, keep, adapter, in_place=False)
-        sliced_block.load_state_dict(state, strict=True, assign=True)
+        dense = full_state_dict(block)
+        sliced_block.load_state_dict(_sliced(dense, f"{prefix}{i}.", roles, keep, adapter, in_place=False),
+                                     strict=True, assign=True)
         on_block(sliced, i, block)
-        if in_place and not is_offloaded(block):
-            block.to("meta")  # the dense block's memory is free again
+        if in_place and not is_offloaded(block):  # the block moves to the front of the dense one's memory
+            sliced_block.load_state_dict({name: _into(dense[name], t) for name, t in
+                                          sliced_block.state_dict().items()}, strict=True, assign=True)
     return sliced
+
+
+def _into(memory: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` written over the front of `memory` (a larger tensor of the same dtype), as a view of it;
+    `values` itself where `memory` is not one contiguous block."""
+    if not memory.is_contiguous() or memory.dtype != values.dtype or memory.numel() < values.numel():
+        return values
+    front = memory.view(-1)[:values.numel()].view(values.shape)
+    return front.copy_(values)

@@ -63,16 +63,14 @@ def resolve(spec: str | None) -> ModelSource:
     spec = spec or DEFAULT_MODEL
     if spec in EMBEDDED_MODELS:
         target = cache_root() / "models" / spec
-        if not (target / "config.json").exists():
-            _convert_gguf(EMBEDDED_MODELS[spec](), target)
+        _converted(EMBEDDED_MODELS[spec](), target)
         return ModelSource(spec, str(target))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise DietError(f"GGUF file not found: {path}")
         target = cache_root() / "models" / f"{path.stem}-{_file_digest(path)}"
-        if not (target / "config.json").exists():
-            _convert_gguf(path, target)
+        _converted(path, target)
         return ModelSource(spec, str(target))
     if path.exists():
         if not (path / "config.json").is_file():
@@ -163,7 +161,14 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _converted(gguf: Path, target: Path) -> None:
+    """`target` holds the conversion of `gguf`: made once, its record written last. A directory without
+    the record (converted by a dietprune that did not write one) is converted again and replaced."""
+    if not (target / SOURCE_RECORD).is_file():
+        _convert_gguf(gguf, target, "replace" if target.exists() else "discard")
+
+
+def _convert_gguf(gguf: Path, target: Path, if_exists: str) -> None:
     """Dequantize a GGUF file into a standard safetensors directory (done once, then cached). The weights
     are kept in float32, the exact dequantized values; the dtype the GGUF stores (bfloat16 for quantized
     tensors) is recorded beside them, as the dtype pruned models of it are saved in."""
@@ -179,7 +184,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized: a plain checkpoint
     model = rebuild(config, quantized.state_dict(), torch.float32)
-    with atomic_dir(target, "discard") as tmp:  # a run beside this one converted it too
+    with atomic_dir(target, if_exists) as tmp:  # discard: a run beside this one converted it too
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": gguf.name, "stored_dtype": stored}) + "\n")
