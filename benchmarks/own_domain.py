@@ -95,14 +95,13 @@ def main() -> None:
             results[name] = evaluate(model.model, model.tokenizer, tasks, args.limit, exclude)
             results[name]["code"] = log_losses(model.model, model.tokenizer, held_out_code)
             results[name]["prose"] = log_losses(model.model, model.tokenizer, prose)
-            print(name, json.dumps({k: v for k, v in summary(results, name, "dense").items()}), flush=True)
             del model
-    report = {"sparsity": args.sparsity, "limit": args.limit, "code_texts": {
-        "calibration_chunks": len(calibration_chunks), "held_out": HELD_OUT_TEXTS},
-        "kept_overlap": {a: {b: len(masks[a] & masks[b]) for b in masks} for a in masks},
-        "rows": {name: summary(results, name, "default (built-in tasks)") for name in results}}
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(table(report))
+            report = {"sparsity": args.sparsity, "limit": args.limit, "code_texts": {
+                "calibration_chunks": len(calibration_chunks), "held_out": HELD_OUT_TEXTS},
+                "kept_overlap": {a: {b: len(masks[a] & masks[b]) for b in masks} for a in masks},
+                "rows": {n: summary(results, n, "default (built-in tasks)") for n in results}}
+            args.out.write_text(json.dumps(report, indent=1) + "\n")  # after each model: a long run keeps
+            print(table(report), flush=True)                           # what it measured
 
 
 def summary(results: dict, name: str, reference: str) -> dict:

@@ -172,9 +172,12 @@ def recover(dense: PreTrainedModel, tokenizer, texts: list[str], keep: torch.Ten
     return pruned
 
 
-def _ridge(gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    """gram + lam I with lam = alpha x its mean diagonal."""
-    return gram + alpha * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+def _ridge(gram: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gram + lam I, lam) with lam = alpha x its mean diagonal; in place: a writer's Gram matrix is
+    m x m float64 (0.7 GB at m = 9216), so no second copy and no identity matrix is made."""
+    lam = alpha * gram.diagonal().mean()
+    gram.diagonal().add_(lam)
+    return gram, lam
 
 
 @torch.no_grad()
@@ -184,10 +187,8 @@ def _refit_readers(dense_layer: nn.Module, pruned_layer: nn.Module, names: tuple
     float64: a Gram matrix summed over ~10^4 tokens is too ill-conditioned for float32, let alone the
     bfloat16 a GPU computes in."""
     n_pruned = n_pruned.to(n.device)
-    gram = n_pruned.T @ n_pruned  # K x K
+    system, lam = _ridge(n_pruned.T @ n_pruned, alpha)  # K x K
     cross = n.T @ n_pruned  # d x K
-    lam = alpha * gram.diagonal().mean()
-    system = _ridge(gram, alpha)
     for name in names:
         weight = dense_layer.get_submodule(name).weight.to(cross.device, torch.float64)
         target = pruned_layer.get_submodule(name).weight
@@ -202,11 +203,12 @@ def _refit_writer(writer: nn.Linear, z: torch.Tensor, z_pruned: torch.Tensor, al
     """Refit the pruned writer's rows W' (K x m) so W' z' ~ W'_0 z: its output on the dense input, given
     the pruned input (W'_0 = c W_K is the plain slice of the dense writer, see the module doc)."""
     z_pruned = z_pruned.to(z.device)
-    lam = alpha * (z_pruned.T @ z_pruned).diagonal().mean()
-    system = _ridge(z_pruned.T @ z_pruned, alpha)  # m x m
-    cross = z.T @ z_pruned + lam * torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-    start = writer.weight.to(z.device, torch.float64)
-    solved = torch.linalg.solve(system, (start @ cross).T).T
+    system, lam = _ridge(z_pruned.T @ z_pruned, alpha)  # m x m
+    cross = z.T @ z_pruned
+    cross.diagonal().add_(lam)
+    rhs = (writer.weight.to(z.device, torch.float64) @ cross).T
+    del cross  # one m x m matrix fewer while solving
+    solved = torch.linalg.solve(system, rhs).T
     writer.weight.copy_(solved.to(writer.weight.device, writer.weight.dtype))
 
 
