@@ -28,9 +28,9 @@ Gram matrix (alpha = 0.01, GPTQ's dampening). Statistics are float64.
 
 Memory holds the hidden states of the calibration tokens and one block's statistics, never per-token
 activations of a whole model, and never two models: blocks are sliced and refit one at a time
-(`slice_model(..., on_block=...)`), each dense block freed once its refit is done. The dense model may
-be dispatched by accelerate with layers offloaded to CPU memory or disk: each dense layer is onloaded
-for its own step.
+(`slice_model(..., on_block=...)`), each refit block then moved into the dense block's memory. The
+dense model may be dispatched by accelerate with layers offloaded to CPU memory or disk: each dense
+layer is onloaded for its own step.
 """
 
 from __future__ import annotations
