@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or Path(f"benchmarks/results/bf16_error-{args.model}.json")
-    model, tokenizer, _ = load_model(args.model)
+    loaded = load_model(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
     draft = copy.deepcopy(model).to(torch.bfloat16)
     report = {"model": args.model, "limit": args.limit, "tasks": {}, "draft": {}}
     for task in (*DEFAULT_TASKS, "piqa"):

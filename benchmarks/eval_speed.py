@@ -57,7 +57,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model, tokenizer, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
+    loaded = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer = loaded.model, loaded.tokenizer
     with torch.inference_mode():  # warm-up, shared by both backends
         model(torch.tensor([tokenizer("warm up")["input_ids"]]))
 

@@ -1,124 +1,315 @@
-"""Accelerator check (issue 14): run on a GPU machine; writes benchmarks/results/gpu_check.json.
+"""The device check: one prepared command for a lent GPU machine, each part in its own process with its
+own time limit, each part's JSON written to OUT as soon as it finishes (a crash or a timeout loses
+only that part).
 
-    .venv/bin/python benchmarks/gpu_check.py [--device cuda] [--skip-lm-eval]
+    python3 benchmarks/gpu_check.py --out $OUT              # on the GPU machine (about 4 minutes)
+    .venv/bin/python benchmarks/gpu_check.py --out DIR --smoke  # here: every part at toy sizes, CPU
 
-1. masked == sliced on the device, fp32 and bf16, for every adapter's tiny model (max |delta logit|);
-2. the same tiny model profiled on the device and on the CPU (fp32): max relative score difference,
-   and whether the 20% masks are identical;
-3. profile / prune / evaluate timings on random-weight models built on the device from Gemma-2 2B- and
-   9B-shaped configs (no weights travel; the word-level test tokenizer feeds them), bf16;
-4. our evaluator vs lm-evaluation-harness's HF backend on the same device and examples (the tiny model,
-   which has the test tokenizer; a real model needs weights the machine cannot fetch).
-Without CUDA it says so and runs part 2 on the CPU against itself (a smoke test of the script).
+It needs only what such a machine has (torch, transformers, accelerate, safetensors; no task data, no
+network): models are built from published configs with random weights on the device, calibration text
+is generated (a JSONL file of seven "tasks", given as --calibration: the user's-own-data path), and
+the tokenizer is the tests' word-level one. Parts:
+  equivalence  masked == sliced on the device in float32 and bfloat16, every adapter's tiny model;
+  scores       the same tiny model profiled on the device and on the CPU: scores and the 20% mask;
+  prune_9b     `dietprune.prune` (the default: profile 7 x 100 samples, vote, slice, full recovery) of
+               a random Gemma-2-9B-shaped model built on the device, then save: seconds per stage,
+               peak device memory against the bf16 weights, profiling throughput against a plain
+               forward pass over the same batches;
+  engine_70b   Llama-3-70B-width models (d 8192, MLP 28672, 64/8 heads) of 2 and 4 layers written to
+               disk, pruned with --weights stream --recover none: peak device memory against depth;
+               and one layer's default recovery, timed by stage;
+  evaluator    our log-likelihood evaluator on the 9B-shaped model: requests per second; float32
+               predictions on the device against the CPU's, bfloat16 agreement; lm-eval's HF backend
+               on the same requests when lm-eval is importable there.
+`--smoke` runs every part at toy sizes on the CPU in seconds (tests/test_gpu_check.py), so it cannot rot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "tests")]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import CONFIGS, HIDDEN, VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
-from transformers import AutoModelForCausalLM, Gemma2Config  # noqa: E402
-
-from dietprune import api  # noqa: E402
-from dietprune.mask import masked  # noqa: E402
-from dietprune.merge import merge  # noqa: E402
-from dietprune.profile import profile  # noqa: E402
-from dietprune.slice import slice_model  # noqa: E402
-
-TEXTS = ["Question: is the sky blue ? Answer: yes", "the cat is on the mat .", "a b c d e f g h"] * 8
-SHAPES = {  # the published configs' shapes (google/gemma-2-2b, google/gemma-2-9b)
-    "gemma-2-2b": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-                       num_key_value_heads=4),
-    "gemma-2-9b": dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-                       num_attention_heads=16, num_key_value_heads=8),
+LIMITS = {"equivalence": 20, "scores": 20, "prune_9b": 100, "engine_70b": 75, "evaluator": 25}  # seconds
+SHAPES = {  # the published configs' shapes (google/gemma-2-9b, meta-llama/Llama-3.1-70B), and toy ones
+    "gemma-2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336,
+                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                       query_pre_attn_scalar=256),
+    "llama-3-70b-layer": dict(model_type="llama", hidden_size=8192, intermediate_size=28672,
+                              num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=128256),
+    "toy-gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16),
+    "toy-llama": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=8, vocab_size=64),
 }
-COMMON = dict(head_dim=256, query_pre_attn_scalar=256)  # both
 
 
-@torch.inference_mode()
-def masked_vs_sliced(device: str, dtype: torch.dtype) -> dict[str, float]:
+def config(name: str, **changes):
+    from transformers import AutoConfig
+
+    shape = dict(SHAPES[name]) | changes
+    model_type = shape.pop("model_type")
+    shape.setdefault("vocab_size", 256000 if model_type == "gemma2" else 64)
+    return AutoConfig.for_model(model_type, pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+
+
+def calibration_file(directory: Path, samples: int, words: int) -> Path:
+    """Seven tasks of `samples` generated texts each, `words` words long on average (the tokenizer's)."""
+    from conftest import tiny_tokenizer
+
+    vocabulary = [w for w in tiny_tokenizer().get_vocab() if not w.startswith("<")]
+    rng = random.Random(0)
+    path = directory / "calibration.jsonl"
+    with path.open("w") as f:
+        for task in range(7):
+            for _ in range(samples):
+                text = " ".join(rng.choices(vocabulary, k=rng.randint(words // 2, 3 * words // 2)))
+                f.write(json.dumps({"text": text, "task": f"t{task}"}) + "\n")
+    return path
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory(device: str, reset: bool = False) -> float | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def part_equivalence(device: str, smoke: bool) -> dict:
+    """max |masked - sliced| logits (and over the largest |logit|) per adapter and dtype."""
+    import torch
+    from conftest import CONFIGS, HIDDEN, VOCAB, tiny_model
+
+    from dietprune.mask import masked
+    from dietprune.slice import slice_model
+
     keep = torch.randperm(HIDDEN, generator=torch.Generator().manual_seed(2))[:32]
     ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
-    for model_type in sorted(CONFIGS):
-        model = tiny_model(model_type).to(device, dtype)
-        with masked(model, keep):
-            want = model(ids).logits.float()
-        out[model_type] = (slice_model(model, keep)(ids).logits.float() - want).abs().max().item()
+    for dtype in (torch.float32, torch.bfloat16):
+        for model_type in sorted(CONFIGS):
+            model = tiny_model(model_type).to(device, dtype)
+            with torch.no_grad(), masked(model, keep):
+                want = model(ids).logits.float()
+            with torch.no_grad():
+                got = slice_model(model, keep)(ids).logits.float()
+            relative = (got - want).abs().max() / want.abs().max()
+            out[f"{model_type}/{str(dtype)[6:]}"] = round(relative.item(), 6)
+    return {"relative_max_difference": out}
+
+
+def part_scores(device: str, smoke: bool) -> dict:
+    """The same model profiled on the device and on the CPU in float32."""
+    import torch
+    from conftest import HIDDEN, profile_texts, tiny_model
+
+    from dietprune.merge import merge
+
+    texts = ["Question: is the sky blue ? Answer: yes", "the cat is on the mat .", "a b c d e f g h"] * 8
+    out = {}
+    for model_type in ("llama", "gemma3_text"):
+        scores = {where: profile_texts(tiny_model(model_type).to(where), texts).score("l1").cpu()
+                  for where in ("cpu", device)}
+        cpu, dev = scores["cpu"], scores[device]
+        k = int(0.8 * HIDDEN)
+        out[model_type] = {"max_relative_difference": ((cpu - dev).abs() / cpu.abs()).max().item(),
+                           "same_mask": torch.equal(merge(cpu[None], k), merge(dev[None], k))}
     return out
 
 
-def scores_agree(device: str) -> dict:
+def _built(name: str, device: str, **changes):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config(name, **changes), dtype=torch.bfloat16).eval()
+
+
+def part_prune_9b(device: str, smoke: bool) -> dict:
+    """The default prune of a 9B-shaped model, timed by stage, with peak device memory."""
+    import torch
+    from conftest import tiny_tokenizer
+
+    import dietprune
+    from dietprune.calibration import Batching, token_batches
+
+    name = "toy-gemma2" if smoke else "gemma-2-9b"
     tokenizer = tiny_tokenizer()
-    scores = {}
-    for where in ("cpu", device):
-        model = tiny_model("llama").to(where)
-        scores[where] = profile(model, tokenizer, TEXTS).score("l1")
-    cpu, dev = scores["cpu"].cpu(), scores[device].cpu()
-    k = int(0.8 * HIDDEN)
-    same_mask = set(merge(cpu[None], k, "vote").tolist()) == set(merge(dev[None], k, "vote").tolist())
-    return {"max_relative_difference": ((cpu - dev).abs() / cpu.abs()).max().item(), "same_mask": same_mask}
+    started = time.perf_counter()
+    model = _built(name, device)
+    synchronize(device)
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    built_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = calibration_file(Path(tmp), 8 if smoke else 100, 40 if smoke else 150)
+        plain = [json.loads(line)["text"] for line in texts.read_text().splitlines()]
+        budget = 65536 if device.startswith("cuda") else 4096
+        batches = token_batches(tokenizer, plain, Batching(8, 1024, budget))
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        with torch.inference_mode():  # a plain forward pass over the same batches, warmed up
+            model.get_decoder()(**{k: v.to(device) for k, v in batches[0].items()}, use_cache=False)
+            synchronize(device)
+            started = time.perf_counter()
+            for batch in batches:
+                model.get_decoder()(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            synchronize(device)
+            forward_s = time.perf_counter() - started
+        peak_memory(device, reset=True)
+        os.environ["DIETPRUNE_CACHE"] = str(Path(tmp) / "cache")
+        started = time.perf_counter()
+        pruned = dietprune.prune(model, tokenizer, tasks=(), calibration=(str(texts),), samples=100,
+                                 device=device, in_place=True)
+        synchronize(device)
+        prune_s = time.perf_counter() - started
+        peak_gb = peak_memory(device)
+        started = time.perf_counter()
+        dietprune.save(pruned, Path(tmp) / "pruned")
+        save_s = time.perf_counter() - started
+    stages = pruned.record["seconds_by_stage"]
+    return {"model": name, "weights_gb": round(weights_gb, 2), "build_s": round(built_s, 1),
+            "prune_s": round(prune_s, 1), "stages_s": stages, "save_s": round(save_s, 1),
+            "peak_gb": peak_gb, "peak_over_weights": peak_gb and round(peak_gb / weights_gb, 3),
+            "calibration_tokens": tokens, "plain_forward_tokens_per_s": round(tokens / forward_s),
+            "profile_tokens_per_s": round(tokens / stages["calibrate"]),
+            "kept": pruned.record["hidden_size_after"], "recovery_s": pruned.record["recovery"]["seconds"]}
 
 
-def timings(device: str) -> dict:
+def part_engine_70b(device: str, smoke: bool) -> dict:
+    """Streamed prunes of 70B-width models of several depths: peak device memory against depth."""
+    import torch
+    from conftest import tiny_tokenizer
+
+    import dietprune
+
+    name, rows = ("toy-llama", {}) if smoke else ("llama-3-70b-layer", {})
     tokenizer = tiny_tokenizer()
     out = {}
-    for name, shape in SHAPES.items():
-        config = Gemma2Config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                              **shape, **COMMON)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-        torch.cuda.synchronize() if device.startswith("cuda") else None
-        started = time.perf_counter()
-        profile(model, tokenizer, TEXTS * 4)
-        profiled = time.perf_counter() - started
-        started = time.perf_counter()
-        pruned = api.prune(model, tokenizer, sparsity=0.2, samples=4, tasks=("rte",), device=device)
-        pruned_s = time.perf_counter() - started
-        started = time.perf_counter()
-        api.evaluate(pruned, limit=20, tasks=("rte",), heldout=(), perplexity=False, device=device)
-        out[name] = {"profile_96_texts_s": round(profiled, 2), "prune_s": round(pruned_s, 2),
-                     "eval_20_rte_s": round(time.perf_counter() - started, 2),
-                     "max_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1)
-                     if device.startswith("cuda") else None}
-        del model, pruned
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = calibration_file(Path(tmp), 2, 60)
+        os.environ["DIETPRUNE_CACHE"] = str(Path(tmp) / "cache")
+        for layers in (2, 4):
+            source = Path(tmp) / f"m{layers}"
+            model = _built(name, device, num_hidden_layers=layers, **rows)  # random weights, fast on a GPU
+            model.save_pretrained(source)
+            tokenizer.save_pretrained(source)
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            peak_memory(device, reset=True)
+            started = time.perf_counter()
+            pruned = dietprune.prune(str(source), tasks=(), calibration=(str(texts),), samples=2,
+                                     device=device, weights="stream", recover="none",
+                                     staging=Path(tmp) / f"out{layers}")
+            synchronize(device)
+            out[f"layers_{layers}"] = {"seconds": round(time.perf_counter() - started, 1),
+                                       "peak_gb": peak_memory(device),
+                                       "stages_s": pruned.record["seconds_by_stage"]}
+        peaks = [out[f"layers_{n}"]["peak_gb"] for n in (2, 4)]
+        if all(peaks):
+            out["peak_growth_2_to_4"] = round(peaks[1] / peaks[0] - 1, 3)
     return out
+
+
+def part_evaluator(device: str, smoke: bool) -> dict:
+    """Requests per second of our evaluator on a 9B-shaped model; fp32 device vs CPU predictions and
+    bf16 agreement on the tiny model; lm-eval's HF backend when it is there."""
+    import importlib.util
+
+    import torch
+    from conftest import tiny_model, tiny_tokenizer
+
+    from dietprune.engine import loglikelihoods
+
+    tokenizer = tiny_tokenizer()
+    words = [w for w in tokenizer.get_vocab() if not w.startswith("<")]
+    rng = random.Random(1)
+    requests = [(" ".join(rng.choices(words, k=rng.randint(20, 120))),
+                 " " + " ".join(rng.choices(words, k=3))) for _ in range(40 if smoke else 2000)]
+    model = _built("toy-gemma2" if smoke else "gemma-2-9b", device)
+    loglikelihoods(model, tokenizer, requests[:8])
+    synchronize(device)
+    started = time.perf_counter()
+    loglikelihoods(model, tokenizer, requests)
+    synchronize(device)
+    rate = len(requests) / (time.perf_counter() - started)
+    del model
+    tiny = tiny_model("gemma3_text")
+    cpu = loglikelihoods(tiny, tokenizer, requests[:200])[0]
+    dev32 = loglikelihoods(tiny.to(device), tokenizer, requests[:200])[0]
+    dev16 = loglikelihoods(tiny.to(device, torch.bfloat16), tokenizer, requests[:200])[0]
+    pairs = range(0, 200 - 1, 2)  # requests taken two at a time as a two-choice question
+    choice = {name: [lls[i] >= lls[i + 1] for i in pairs] for name, lls in
+              (("cpu", cpu), ("fp32", dev32), ("bf16", dev16))}
+    def same(name: str) -> float:
+        return sum(a == b for a, b in zip(choice["cpu"], choice[name], strict=True)) / len(pairs)
+
+    out = {"requests_per_s": round(rate, 1), "requests": len(requests), "fp32_same_choice": same("fp32"),
+           "bf16_same_choice": same("bf16"),
+           "fp32_max_abs_loglikelihood_difference": max(abs(a - b) for a, b in zip(cpu, dev32, strict=True))}
+    out["lm_eval"] = "importable" if importlib.util.find_spec("lm_eval") else "not on this machine"
+    return out
+
+
+PARTS = {"equivalence": part_equivalence, "scores": part_scores, "prune_9b": part_prune_9b,
+         "engine_70b": part_engine_70b, "evaluator": part_evaluator}
+
+
+def run_part(name: str, out: Path, device: str, smoke: bool) -> None:
+    import torch
+
+    started = time.perf_counter()
+    result = {"part": name, "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+              "torch": torch.__version__, **PARTS[name](device, smoke)}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--skip-lm-eval", action="store_true")
+    parser.add_argument("--out", type=Path, required=True, help="a folder: one JSON per part")
+    parser.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes (a test of the script, on a CPU)")
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # one part, in this process
     args = parser.parse_args()
-    result: dict = {"torch": torch.__version__}
-    if not torch.cuda.is_available():
-        result["device"] = "none: no CUDA here; only the CPU smoke test ran"
-        result["scores_cpu_vs_cpu"] = scores_agree("cpu")
-    else:
-        result["device"] = torch.cuda.get_device_name(0)
-        result["masked_vs_sliced"] = {str(dtype): masked_vs_sliced(args.device, dtype)
-                                      for dtype in (torch.float32, torch.bfloat16)}
-        result["scores_cpu_vs_gpu"] = scores_agree(args.device)
-        result["timings"] = timings(args.device)
-        if not args.skip_lm_eval:
-            model, tokenizer = tiny_model("llama").to(args.device), tiny_tokenizer()
-            ours = api.evaluate(model, tokenizer, limit=50, tasks=("rte", "boolq"), heldout=(),
-                                perplexity=False, device=args.device)
-            theirs = api.evaluate(model, tokenizer, limit=50, tasks=("rte", "boolq"), heldout=(),
-                                  perplexity=False, backend="lm-eval", device=args.device)
-            result["lm_eval_agreement"] = {
-                task: sum(a == b for a, b in zip(ours["tasks"][task]["preds"], theirs["tasks"][task]["preds"],
-                                                 strict=True)) for task in ("rte", "boolq")}
-    out = Path("benchmarks/results/gpu_check.json")
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.part:
+        run_part(args.part, args.out, device, args.smoke)
+        return
+    for name in args.parts:
+        limit = LIMITS[name] * (3 if args.smoke else 1)
+        command = [sys.executable, __file__, "--out", str(args.out), "--device", device, "--part", name]
+        try:
+            run = subprocess.run(command + (["--smoke"] if args.smoke else []), timeout=limit,
+                                 capture_output=True, text=True)
+            status = "ok" if run.returncode == 0 else f"failed: {run.stderr.strip().splitlines()[-1:]}"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {limit} s"
+        if status != "ok":
+            (args.out / f"{name}.json").write_text(json.dumps({"part": name, "status": status}) + "\n")
+        print(f"{name}: {status}", flush=True)
 
 
 if __name__ == "__main__":

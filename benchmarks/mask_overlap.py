@@ -14,10 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
-from dietprune.api import choose_dims, load
+import torch
+
+from dietprune.api import load
 from dietprune.merge import kept_width, kept_width_step
-from dietprune.methods import METHODS, VARIANTS, Context
-from dietprune.settings import CalibrationSettings, PruneSettings
+from dietprune.methods import METHODS, VARIANTS
+from dietprune.pipeline import calibrate, choose_dims
+from dietprune.plan import make_plan
+from dietprune.sequential import Weights
+from dietprune.settings import CalibrationSettings, PruneSettings, RuntimeSettings
 from dietprune.sweep import variant_settings
 
 
@@ -39,7 +44,10 @@ def main() -> None:
         for variant in variants:
             settings, calibration = variant_settings(variant, PruneSettings(), CalibrationSettings(),
                                                      sparsity)
-            stats = METHODS[settings.method].scores(Context(model, loaded.tokenizer, calibration), settings)
+            plan = make_plan(model.config, settings, calibration, RuntimeSettings(), loaded.stored_dtype,
+                             device=torch.device("cpu"), dtype=model.dtype)
+            seen = calibrate(Weights(model, plan.device, plan.dtype), loaded.tokenizer, plan, {})
+            stats = plan.method.scores(seen, plan.settings)
             masks[variant] = set(choose_dims(stats, k, settings)[0].tolist())
         rows += [{"variant": v, "sparsity": sparsity, "k": k, "not_in_diet": len(masks[v] - masks["diet"])}
                  for v in variants]

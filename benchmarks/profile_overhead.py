@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from dietprune.calibration import task_corpus, token_batches
+from dietprune.calibration import Batching, task_corpus, token_batches
 from dietprune.models.load import load_model
 from dietprune.profile import profile
+from dietprune.sequential import Weights
 from dietprune.settings import CalibrationSettings
 
 
@@ -27,17 +28,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile_overhead.json"))
     args = parser.parse_args()
-    model, tokenizer, source = load_model(args.model)
-    texts = task_corpus(args.task, CalibrationSettings()).texts
+    loaded = load_model(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    corpus = task_corpus(args.task, CalibrationSettings())
+    texts = corpus.texts
+    batching = Batching(8, 1024, 4096)
     encoded = sorted((tokenizer(t)["input_ids"] for t in texts), key=len, reverse=True)
 
     def plain() -> None:  # the same tokenization, batching and forward passes, without hooks
         with torch.inference_mode():
-            for batch in token_batches(tokenizer, texts, batch_size=8, max_length=1024):
+            for batch in token_batches(tokenizer, texts, batching):
                 model.get_decoder()(**batch, use_cache=False)
 
-    def hooked() -> None:
-        profile(model, tokenizer, texts, batch_size=8, desc="hooked")
+    def hooked() -> None:  # the sequential engine: captured stream, blocks one at a time, taps
+        profile(Weights.of(model), tokenizer, [corpus], "block_output", batching, desc="profile")
 
     plain()  # warm-up
     timings = {"plain": [], "hooked": []}
@@ -47,7 +51,7 @@ def main() -> None:
             fn()
             timings[name].append(time.perf_counter() - start)
     plain_s, hooked_s = (statistics.median(timings[k]) for k in ("plain", "hooked"))
-    result = {"model": source.name, "task": args.task, "texts": len(texts),
+    result = {"model": loaded.name, "task": args.task, "texts": len(texts),
               "tokens": sum(map(len, encoded)), "plain_s": plain_s, "hooked_s": hooked_s,
               "overhead": hooked_s / plain_s - 1, "timings": timings,
               "machine": {"cpu": platform.machine(), "threads": torch.get_num_threads()}}

@@ -43,7 +43,8 @@ def main() -> None:
         diff, scale, _ = max_difference(tiny_model(model_type), {"input_ids": ids}, keep)
         print(f"{model_type}: max |delta logit| {diff:.1e} (logits up to {scale:.1f})")
     for name, k in (("gemma-3-270m", 512), ("smollm2-135m", 459)):
-        model, tokenizer, _ = load_model(name)
+        loaded = load_model(name)
+        model, tokenizer = loaded.model, loaded.tokenizer
         inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
         keep = torch.randperm(model.config.hidden_size, generator=torch.Generator().manual_seed(0))[:k]
         diff, scale, same = max_difference(model, dict(inputs), keep)

@@ -65,6 +65,23 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 FAST_PROFILE = ["--samples", "4", "--tasks", "arc_easy", "boolq", "rte"]
 
 
+def batching(rows: int = 8):
+    """Calibration batches as the plan makes them on a CPU, `rows` texts at most."""
+    from dietprune.calibration import Batching
+
+    return Batching(rows, 1024, 4096)
+
+
+def profile_texts(model, texts, site: str = "block_output", rows: int = 8):
+    """DIET's statistics of `texts` on a model in memory, through the sequential engine."""
+    from dietprune.calibration import Corpus
+    from dietprune.profile import profile
+    from dietprune.sequential import Weights
+
+    corpus = Corpus("texts", tuple(map(str, range(len(texts)))), tuple(texts))
+    return profile(Weights.of(model), tiny_tokenizer(), [corpus], site, batching(rows))[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny Gemma-3 checkpoint with a tokenizer, saved like any HF model directory."""
@@ -123,3 +140,18 @@ def stock_logits(directories: list, input_ids: torch.Tensor) -> dict[str, torch.
                          cwd=str(Path(directories[0]).parent), env=os.environ | {"OMP_NUM_THREADS": "1"})
     loaded = json.loads(run.stdout.strip().splitlines()[-1])
     return {name: torch.tensor(value) for name, value in loaded.items()}
+
+
+def recovered(model, texts, keep, parts, in_place: bool = False, alpha: float = 0.01, rows: int = 8):
+    """The slice of a model in memory to `keep` with `parts` refit on `texts` (recover.py)."""
+    from dietprune.assemble import MemorySink
+    from dietprune.calibration import Corpus
+    from dietprune.models.edit import edited_config
+    from dietprune.recover import recover
+    from dietprune.sequential import Weights
+
+    weights = Weights.of(model)
+    sink = MemorySink(edited_config(model.config, {"hidden_size": len(keep)}), weights.dtype, in_place)
+    corpus = Corpus("texts", tuple(map(str, range(len(texts)))), tuple(texts))
+    recover(weights, tiny_tokenizer(), [corpus], keep, parts, alpha, batching(rows), sink, in_place)
+    return sink.finish()

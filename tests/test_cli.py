@@ -157,25 +157,29 @@ def test_rerun_is_byte_identical(tiny_dir, tmp_path, monkeypatch):
     assert weights[0] == weights[1]
 
 
-def test_interrupted_profile_resumes_from_finished_tasks(tiny_dir, tmp_path, monkeypatch, capsys):
-    import dietprune.scores
+def test_interrupted_profile_writes_nothing_and_the_cache_serves_tasks_seen(tiny_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Every task is profiled in one pass over the blocks; Ctrl-C during it leaves no output. A finished
+    pass caches each task's statistics: a later run profiles only the tasks it has not seen."""
+    import dietprune.pipeline
 
     calls = []
-    real_profile = dietprune.scores.profile
+    real_profile = dietprune.pipeline.profile
 
-    def interrupted(*args, **kwargs):
-        calls.append(kwargs["desc"])
-        if calls == ["profile arc_easy", "profile boolq"]:  # Ctrl-C during the second task
-            raise KeyboardInterrupt
-        return real_profile(*args, **kwargs)
+    def counted(weights, tokenizer, corpora, *args, **kwargs):
+        calls.append([c.name for c in corpora])
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the first pass
+        return real_profile(weights, tokenizer, corpora, *args, **kwargs)
 
-    monkeypatch.setattr(dietprune.scores, "profile", interrupted)
+    monkeypatch.setattr(dietprune.pipeline, "profile", counted)
     out = tmp_path / "scores.safetensors"
     assert main(["profile", "--model", str(tiny_dir), "--out", str(out), *FAST]) == 130
     assert "interrupted" in capsys.readouterr().err and not out.exists()
-    calls.clear()
     assert main(["profile", "--model", str(tiny_dir), "--out", str(out), *FAST]) == 0
-    assert calls == ["profile boolq", "profile rte"]  # arc_easy came from the cache
+    assert main(["profile", "--model", str(tiny_dir), "--out", str(tmp_path / "more.safetensors"), *FAST,
+                 "--tasks", "arc_easy", "boolq", "rte", "piqa"]) == 0
+    assert calls == [["arc_easy", "boolq", "rte"], ["arc_easy", "boolq", "rte"], ["piqa"]]
 
 
 def test_inspect_scores_and_model(tiny_dir, tmp_path, capsys):
@@ -250,13 +254,13 @@ def test_unsupported_gguf_quantisation(tmp_path, capsys):
 
 
 def test_ctrl_c_while_saving_keeps_nothing(tiny_dir, tmp_path, monkeypatch, capsys):
-    from transformers import PreTrainedModel
+    import dietprune.api
 
-    def interrupted(self, path, **kwargs):
-        (Path(path) / "model.safetensors").write_bytes(b"half")
+    def interrupted(weights, directory, dtype):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    monkeypatch.setattr(dietprune.api, "save_model", interrupted)
     assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # neither the output nor a temporary
@@ -264,14 +268,14 @@ def test_ctrl_c_while_saving_keeps_nothing(tiny_dir, tmp_path, monkeypatch, caps
 
 KILLED_WHILE_SAVING = """
 import os, signal, sys
-from transformers import PreTrainedModel
+import dietprune.api as api
 from dietprune.cli import main
 
-def killed(self, path, **kwargs):
-    original(self, path, **kwargs)
+def killed(*args, **kwargs):
+    original(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind runs
 
-original, PreTrainedModel.save_pretrained = PreTrainedModel.save_pretrained, killed
+original, api.save_model = api.save_model, killed
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import dietprune
 from dietprune.cli import main
-from dietprune.device import compute_dtype, resolve_device
+from dietprune.plan import compute_dtype, resolve_device
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -136,12 +136,12 @@ def test_a_model_larger_than_the_device_is_refused_before_loading(tiny_dir, tmp_
 
 
 def test_running_out_of_memory_mid_run_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
-    import dietprune.scores
+    import dietprune.pipeline
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(dietprune.scores, "profile", out_of_memory)
+    monkeypatch.setattr(dietprune.pipeline, "profile", out_of_memory)
     capsys.readouterr()
     assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST_PROFILE]) == 2
     err = capsys.readouterr().err.strip()

@@ -42,9 +42,9 @@ class Faults:
     def __init__(self, monkeypatch):
         self.count, self.fail_at, self.sites = 0, None, []
         import safetensors.torch
-        import transformers.modeling_utils
         import transformers.tokenization_utils_tokenizers
 
+        import dietprune.models.store
         import dietprune.scores
 
         for module, name in [(builtins, "open"), (io, "open")]:
@@ -56,7 +56,7 @@ class Faults:
         monkeypatch.setattr(dietprune.io, "_renameat2", self.wrap(dietprune.io._renameat2))
         save_file = self.wrap(safetensors.torch.save_file, safetensors_error=True)
         monkeypatch.setattr(dietprune.scores, "save_file", save_file)
-        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+        monkeypatch.setattr(dietprune.models.store, "save_file", save_file)
         backend = transformers.tokenization_utils_tokenizers.TokenizersBackend  # tokenizer.json, in Rust
         monkeypatch.setattr(backend, "_save_pretrained", self.wrap(backend._save_pretrained))
 
@@ -150,17 +150,18 @@ def test_a_full_disk(tiny_dir, tmp_path, capsys):
 
 
 def test_an_output_that_appears_while_writing_is_never_replaced(tiny_dir, tmp_path, monkeypatch, capsys):
-    from transformers import PreTrainedModel
+    import dietprune.api
 
     out = tmp_path / "p"
-    save = PreTrainedModel.save_pretrained
+    save = dietprune.api.save_model
 
-    def another_run_commits_meanwhile(self, path, **kwargs):
-        save(self, path, **kwargs)
+    def another_run_commits_meanwhile(*args, **kwargs):
+        note = save(*args, **kwargs)
         out.mkdir()
         (out / "theirs").write_text("the other run's result")
+        return note
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", another_run_commits_meanwhile)
+    monkeypatch.setattr(dietprune.api, "save_model", another_run_commits_meanwhile)
     err = None
     capsys.readouterr()
     assert main(["--quiet", "prune", "--model", str(tiny_dir), "--out", str(out), *FAST_PROFILE]) == 2
@@ -208,14 +209,14 @@ def test_two_runs_to_one_output_exactly_one_wins(tiny_dir, tmp_path):
 
 SIGTERM_WHILE_SAVING = """
 import os, signal, sys
-from transformers import PreTrainedModel
+import dietprune.api as api
 from dietprune.cli import main
 
-def terminated(self, path, **kwargs):
-    original(self, path, **kwargs)
+def terminated(*args, **kwargs):
+    original(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGTERM)
 
-original, PreTrainedModel.save_pretrained = PreTrainedModel.save_pretrained, terminated
+original, api.save_model = api.save_model, terminated
 sys.exit(main(sys.argv[1:]))
 """
 

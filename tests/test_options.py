@@ -215,7 +215,7 @@ def test_api_prunes_a_loaded_model_without_changing_it(tiny_dir, tmp_path):
 def test_adapter_flags_refuse_what_an_algorithm_cannot_handle(monkeypatch):
     from dataclasses import replace
 
-    from dietprune.methods.wanda_sp import wanda_sp
+    from dietprune.methods.wanda_sp import WandaSP
     from dietprune.models import adapters
     from dietprune.slice import slice_model
 
@@ -225,7 +225,7 @@ def test_adapter_flags_refuse_what_an_algorithm_cannot_handle(monkeypatch):
         slice_model(tiny_model("llama"), torch.arange(32))
     monkeypatch.setitem(adapters.ADAPTERS, "llama", replace(llama, fused_qkv=True))
     with pytest.raises(DietError, match="wanda-sp cannot handle llama's fused qkv"):
-        wanda_sp(tiny_model("llama"), tiny_tokenizer(), ["a b c"], 1000)
+        WandaSP(tiny_model("llama"), 1000)
 
 
 def test_every_variant_is_valid_settings():

@@ -8,11 +8,9 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_model, tiny_tokenizer
+from conftest import profile_texts, tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-
-from dietprune.profile import profile
 
 TEXTS = ["the a is of", "Question: is the a ? Answer: yes", "a", "b c d e f g h i j k l m n",
          "x y z", "the of the of the", "q r s"]
@@ -28,7 +26,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        stats = profile(tiny_model("llama"), tiny_tokenizer(), TEXTS, batch_size=2)
+        stats = profile_texts(tiny_model("llama"), TEXTS, rows=2)
         save_file({"sum_abs": stats.sum_abs, "sum_sq": stats.sum_sq,
                    "tokens": torch.tensor(stats.tokens)}, f"{out}.{rank}")
     finally:
@@ -36,7 +34,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_gloo_processes_equal_one(tmp_path):
-    single = profile(tiny_model("llama"), tiny_tokenizer(), TEXTS, batch_size=2)
+    single = profile_texts(tiny_model("llama"), TEXTS, rows=2)
     out = str(tmp_path / "stats")
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     for rank in range(2):
@@ -54,7 +52,7 @@ def test_offloaded_model_profiles_the_same(tmp_path):
     offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map,
                                                      offload_folder=tmp_path / "offload").eval()
     assert offloaded.hf_device_map["model.layers.1"] == "disk"
-    expected = profile(model, tiny_tokenizer(), TEXTS)
-    got = profile(offloaded, tiny_tokenizer(), TEXTS)
+    expected = profile_texts(model, TEXTS)
+    got = profile_texts(offloaded, TEXTS)
     assert got.tokens == expected.tokens
     assert torch.allclose(got.sum_abs, expected.sum_abs, rtol=1e-5)

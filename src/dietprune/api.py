@@ -1,8 +1,9 @@
-"""What the CLI and notebooks call: load, prune (in memory), save, evaluate, run.
+"""What the CLI and notebooks call: load, profile, prune (in memory), save, evaluate, run.
 
-The data flows one way: load -> profile (per task, cached) -> merge -> slice (-> recover) -> save ->
-evaluate -> report. `prune` takes a model name or an already loaded model (what a notebook holds), so
-`run` and `sweep` load the dense model once and every step reuses it:
+The data flows one way: load -> plan (every option resolved, plan.py) -> execute (profile, merge, slice
+and refit block by block, pipeline.py) -> record -> save -> evaluate -> report. `prune` takes a model
+name or an already loaded model (what a notebook holds), so `run` and `sweep` load the dense model once
+and every step reuses it:
 
     import dietprune
     pruned = dietprune.prune("gemma-3-270m", sparsity=0.3, recover="lsq")
@@ -11,30 +12,32 @@ evaluate -> report. `prune` takes a model name or an already loaded model (what 
 
 from __future__ import annotations
 
-import copy
 import json
+import shutil
 import time
-from dataclasses import dataclass, replace
+import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
-from dietprune.calibration import task_corpora
-from dietprune.device import compute_dtype, full_state_dict, place_like, resolve_device
+from dietprune.assemble import save_model
+from dietprune.device import execution_device, place_like
 from dietprune.errors import DietError
 from dietprune.evaluate import dtype_name, excluded_ids, perplexity
 from dietprune.evaluate import evaluate as evaluate_tasks
-from dietprune.io import atomic_dir, check_output_path, read_json
-from dietprune.merge import agreement, kept_width, kept_width_step, merge
-from dietprune.methods import Context, get_method
-from dietprune.models.adapters import adapter_for
-from dietprune.models.edit import count_params, rebuild
-from dietprune.models.load import load_model, stored_dtype
+from dietprune.io import atomic_dir, cache_root, check_output_path, commit_dir
+from dietprune.methods import get_method
+from dietprune.models.edit import count_params
+from dietprune.models.load import RECORD, Loaded, load_model, resolve, stored_dtype, weight_bytes
+from dietprune.pipeline import Pruned, calibrate, execute
+from dietprune.plan import Plan, compute_dtype, make_plan, resolve_device, resolve_recover, resolve_site
 from dietprune.profile import ActivationStats
 from dietprune.report import run_plot, run_report
-from dietprune.scores import load_scores
+from dietprune.scores import load_scores, model_fingerprint
+from dietprune.sequential import Weights
 from dietprune.settings import (
     CalibrationSettings,
     EvalSettings,
@@ -44,35 +47,10 @@ from dietprune.settings import (
     build,
     route,
 )
-from dietprune.slice import slice_model, sliced_param_count
 from dietprune.tasks.sources import pinned
 from dietprune.version import __version__
 
-RECORD = "dietprune.json"
 FORMAT = "dietprune.model/2"
-
-
-@dataclass
-class Loaded:
-    """A model with its tokenizer, where it came from, the dtype its checkpoint stores, and the record
-    of a model dietprune pruned."""
-
-    model: PreTrainedModel
-    tokenizer: object
-    name: str
-    stored_dtype: torch.dtype
-    record: dict | None = None
-
-
-@dataclass
-class Pruned:
-    """A pruned model in memory, what was done to it (saved as dietprune.json), and the dtype it is
-    saved in."""
-
-    model: PreTrainedModel
-    tokenizer: object
-    record: dict
-    save_dtype: torch.dtype
 
 
 def versions() -> dict[str, str]:
@@ -82,47 +60,63 @@ def versions() -> dict[str, str]:
 
 
 def load(spec: str | None = None, runtime: RuntimeSettings | None = None) -> Loaded:
-    """Load a model directory, .gguf file, hub id or embedded name (default: the embedded Gemma-3 270M)."""
+    """Load a model directory, .gguf file, hub id or embedded name (default: the embedded Gemma-3 270M)
+    onto the runtime's device (or dispatched by accelerate with --device-map)."""
     runtime = runtime or RuntimeSettings()
     device = resolve_device(runtime.device)
-    dtype = compute_dtype(runtime.dtype, device)
-    model, tokenizer, source = load_model(spec, dtype, device, runtime.device_map)
-    return Loaded(model, tokenizer, source.name, stored_dtype(source.path),
-                  read_record(Path(source.path)))
-
-
-def read_record(model_dir: Path) -> dict | None:
-    """The dietprune.json of a pruned model directory, if there is one."""
-    path = model_dir / RECORD
-    return read_json(path, "record of a pruned model") if path.is_file() else None
+    return load_model(spec, compute_dtype(runtime.dtype, device), device, runtime.device_map)
 
 
 def profile(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *,
             calibration: CalibrationSettings | None = None, runtime: RuntimeSettings | None = None,
             **options) -> tuple[dict[str, ActivationStats], dict]:
-    """Per task, the activation statistics of its calibration samples, and the provenance a score file
-    records with them (model, fingerprint, settings, the sample ids)."""
+    """Per task, the activation statistics of its calibration samples (at the site `diet prune` would
+    profile), and the provenance a score file records with them (model, fingerprint, settings, the
+    sample ids)."""
     calibration, runtime = settings_for(options, CalibrationSettings, RuntimeSettings,
                                         given=(calibration, runtime), command="profile")
-    calibration = calibration.for_recovery(PruneSettings().recover)  # the site `diet prune` would use
-    loaded = _loaded(model, tokenizer, runtime)
-    context = Context(loaded.model, loaded.tokenizer, calibration)
-    stats = context.task_stats()
-    meta = {"model": loaded.name, "model_fingerprint": context.fingerprint,
-            "hidden_size": loaded.model.config.hidden_size, "settings": calibration.to_dict(),
-            "tasks": context.used, "versions": versions()}
+    plan, loaded = _planned(model, tokenizer, PruneSettings(), calibration, runtime)
+    used: dict[str, dict] = {}
+    weights = Weights(loaded.model, plan.device, plan.dtype, loaded.checkpoint)
+    stats = calibrate(weights, loaded.tokenizer, plan, used).tasks
+    meta = {"model": loaded.name, "model_fingerprint": model_fingerprint(loaded.model, loaded.checkpoint),
+            "hidden_size": loaded.model.config.hidden_size, "settings": plan.calibration.to_dict(),
+            "tasks": used, "versions": versions()}
     return stats, meta
 
 
-def _loaded(model: str | PreTrainedModel | Loaded | None, tokenizer, runtime: RuntimeSettings) -> Loaded:
+def _loaded(model: PreTrainedModel | Loaded, tokenizer) -> Loaded:
     if isinstance(model, Loaded):
         return model
-    if isinstance(model, PreTrainedModel):
-        if tokenizer is None:
-            raise DietError("a loaded model needs its tokenizer: prune(model, tokenizer, ...)")
-        name = getattr(model.config, "_name_or_path", "") or "in-memory"
-        return Loaded(model.eval(), tokenizer, name, model.dtype)
-    return load(model, runtime)
+    if tokenizer is None:
+        raise DietError("a loaded model needs its tokenizer: prune(model, tokenizer, ...)")
+    name = getattr(model.config, "_name_or_path", "") or "in-memory"
+    return Loaded(model.eval(), tokenizer, name, model.dtype)
+
+
+def _planned(model: str | PreTrainedModel | Loaded | None, tokenizer, settings: PruneSettings,
+             calibration: CalibrationSettings, runtime: RuntimeSettings, score_site: str | None = None
+             ) -> tuple[Plan, Loaded]:
+    """The plan of a prune and the model it reads: a model in memory computes where it is (unless
+    --device says otherwise) in its own dtype; a model named is planned from its config and files
+    before any weight is read, then loaded as the plan says (onto the device, or streamed)."""
+    if isinstance(model, (PreTrainedModel, Loaded)):
+        loaded = _loaded(model, tokenizer)
+        dense = loaded.model
+        device = execution_device(dense.get_input_embeddings()) if runtime.device == "auto" else \
+            resolve_device(runtime.device)
+        dtype = next(p.dtype for p in dense.parameters())
+        plan = make_plan(dense.config, settings, calibration, replace(runtime, weights="load"),
+                         loaded.stored_dtype, device=device, dtype=dtype, score_site=score_site)
+        return plan, loaded
+    source = resolve(model)
+    local = Path(source.path)
+    config = AutoConfig.from_pretrained(source.path)
+    sizes = (lambda dtype: weight_bytes(local, dtype)) if local.is_dir() else None
+    plan = make_plan(config, settings, calibration, runtime, stored_dtype(source.path), weight_bytes=sizes,
+                     score_site=score_site)
+    loaded = load_model(model, plan.dtype, plan.device, runtime.device_map, stream=plan.stream)
+    return plan, loaded
 
 
 def settings_for(options: dict, *groups: type[Settings], given: tuple[Settings | None, ...] = (),
@@ -140,139 +134,80 @@ def settings_for(options: dict, *groups: type[Settings], given: tuple[Settings |
 def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *,
           settings: PruneSettings | None = None, calibration: CalibrationSettings | None = None,
           runtime: RuntimeSettings | None = None, scores: Path | None = None, in_place: bool = False,
-          **options) -> Pruned:
+          staging: Path | None = None, **options) -> Pruned:
     """Prune `model` (a name, or a loaded model and its tokenizer) and return the smaller model.
 
     A hidden-dim method (DIET by default) profiles or reads `scores`, merges them into one mask of
     exactly K dims, slices, and optionally recovers; a structural method (shortgpt, wanda-sp,
     slicegpt) chooses its own structure at the parameter count of that slice. `options` are flat option
     names, as in a config file (`sparsity=0.3`). `in_place` lets pruning reuse the given model's memory
-    (the model given is destroyed); otherwise it stays as it was."""
+    (the model given is destroyed); otherwise it stays as it was. A streamed prune (`--weights stream`)
+    writes the pruned model into `staging` (default: a temporary folder) instead of memory."""
     started = time.perf_counter()
     settings, calibration, runtime = settings_for(options, PruneSettings, CalibrationSettings,
                                                   RuntimeSettings, given=(settings, calibration, runtime))
-    method = get_method(settings.method)
-    if settings.recover == "auto":  # the default, chosen by the rule in docs/RESULTS.md
-        settings = replace(settings, recover="full" if method.kind == "hidden" else "none")
-    calibration = calibration.for_recovery(settings.recover)
-    if method.kind == "structural" and (settings.recover != "none" or scores is not None):
-        raise DietError(f"{method.name} chooses its own structure, not a mask of hidden dims: "
-                        "--recover and --scores do not apply")
-    loaded = _loaded(model, tokenizer, runtime)
-    dense = loaded.model
-    config = dense.config
-    adapter_for(config)
-    d = config.hidden_size
-    step = kept_width_step(config, settings.round_to)
-    k = kept_width(d, settings.sparsity, step)
     score_file = load_scores(scores) if scores is not None else None
-    if score_file is not None:  # the mask is chosen where the scores were profiled
-        calibration = replace(calibration, site=score_file[1]["settings"].get("site", calibration.site))
+    if score_file is not None and get_method(settings.method).kind == "structural":
+        raise DietError(f"{settings.method} chooses its own structure, not a mask of hidden dims: "
+                        "--scores does not apply")
+    score_site = score_file[1]["settings"].get("site") if score_file else None  # where they were profiled
+    plan, loaded = _planned(model, tokenizer, settings, calibration, runtime, score_site)
+    dense = loaded.model
+    d = dense.config.hidden_size
     if score_file is not None and score_file[1].get("hidden_size") != d:
         raise DietError(f"{scores} was profiled on a model of width {score_file[1].get('hidden_size')}, "
                         f"not {d}; profile this model")
-    context = Context(dense, loaded.tokenizer, calibration)
-    params_before = count_params(dense)
-    pinned_sources = [pinned(spec) for spec in calibration.calibration]  # rebuilds refuse changed files
+    pinned_sources = [pinned(spec) for spec in plan.calibration.calibration]  # rebuilds refuse changed files
     record = {"format": FORMAT, "source_model": loaded.name, "hidden_size_before": d,
-              "params_before": params_before,
-              "settings": calibration.to_dict() | {"calibration": pinned_sources} | settings.to_dict()
-              | runtime.to_dict(),
-              "kept_width_step": step}
-    if method.kind == "structural":
-        target = sliced_param_count(dense, k)
-        source = dense if in_place or not method.consumes else copy.deepcopy(dense)
-        pruned, structure = method.build(source, loaded.tokenizer, context.task_texts(), target,
-                                         calibration.batch_size, calibration.max_length)
-        record |= {"kept_dims": list(range(pruned.config.hidden_size)), "structure": structure}
-    else:
-        if score_file is not None:
-            stats, meta = score_file
-            context.used |= meta.get("tasks", {})
-        else:
-            stats = method.scores(context, settings)
-        keep, agreement_by_task = choose_dims(stats, k, settings)
-        record |= {"kept_dims": keep.tolist(), "task_agreement": agreement_by_task}
-        if settings.recover == "none":
-            pruned = slice_model(dense, keep, in_place)
-        else:
-            pruned, record["recovery"] = _recover(dense, keep, context, settings, in_place)
-    if hasattr(dense, "hf_device_map"):  # dispatched by accelerate: the pruned model is placed alike
+              "params_before": count_params(dense),
+              "settings": plan.calibration.to_dict() | {"calibration": pinned_sources}
+              | plan.settings.to_dict() | runtime.to_dict(),
+              "kept_width_step": plan.step}
+    if plan.stream and staging is None:
+        staging = _staging()
+    result, done = execute(plan, loaded, score_file, in_place, staging)
+    pruned, checkpoint = (result, None) if isinstance(result, PreTrainedModel) else (None, result)
+    if pruned is not None and hasattr(dense, "hf_device_map"):  # dispatched: the pruned model is placed alike
         pruned = place_like(pruned, dense, runtime.device_map or "auto")
-    save_dtype = loaded.stored_dtype if runtime.save_dtype == "auto" else getattr(torch, runtime.save_dtype)
-    record |= {"hidden_size_after": pruned.config.hidden_size, "params_after": count_params(pruned),
-               "calibration": context.used, "versions": versions(),
-               "seconds": round(time.perf_counter() - started, 1)}
-    return Pruned(pruned, loaded.tokenizer, record, save_dtype)
+    record |= done | {"versions": versions(), "seconds": round(time.perf_counter() - started, 1)}
+    return Pruned(pruned, loaded.tokenizer, record, plan.save_dtype, checkpoint)
 
 
-def choose_dims(stats: dict[str, ActivationStats], k: int, settings: PruneSettings
-                ) -> tuple[torch.Tensor, dict[str, int]]:
-    """The k hidden dims a hidden-dim method keeps, from its per-source stats, and how many of each
-    merged source's own top-k they are."""
-    names = _merged_names(list(stats), settings.merge_tasks)
-    matrix = torch.stack([stats[name].score(settings.aggregation) for name in names])
-    keep = merge(matrix, k, settings.merge)
-    return keep, agreement(matrix, keep, names)
+def _staging() -> Path:
+    """A temporary folder for a streamed prune's output, removed when the process ends unless saved."""
+    root = cache_root() / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=root))
+    weakref.finalize(folder, shutil.rmtree, str(folder), True)
+    return folder
 
 
-def _merged_names(names: list[str], merge_tasks: tuple[str, ...]) -> list[str]:
-    """The sources whose scores are merged: all, or the requested subset of the profiled tasks."""
-    if not merge_tasks:
-        return names
-    unknown = sorted(set(merge_tasks) - set(names))
-    if unknown:
-        raise DietError(f"cannot merge {', '.join(unknown)}: not among the profiled {', '.join(names)}")
-    return [n for n in names if n in merge_tasks]
-
-
-def _recover(dense, keep: torch.Tensor, context: Context, settings: PruneSettings, in_place: bool
-             ) -> tuple[PreTrainedModel, dict]:
-    """The slice of `dense` refit on the first calibration samples of each task, and its record."""
-    from dietprune.recover import PARTS, recover
-
-    started = time.perf_counter()
-    corpora = [corpus.head(settings.recover_samples) for corpus in task_corpora(context.settings)]
-    for corpus in corpora:  # usually a prefix of the profiled samples; not for data-free methods
-        used = context.used.setdefault(corpus.name, {"ids": []})
-        used["ids"] += [i for i in corpus.ids if i not in used["ids"]]
-    texts = [text for corpus in corpora for text in corpus.texts]
-    parts = ("readers",) if settings.recover == "lsq" else PARTS
-    pruned = recover(dense, context.tokenizer, texts, keep, settings.recover_alpha,
-                     context.settings.batch_size, context.settings.max_length, parts, in_place)
-    return pruned, {"method": settings.recover, "parts": list(parts), "alpha": settings.recover_alpha,
-            "seconds": round(time.perf_counter() - started, 1),
-            "tasks": {corpus.name: {"ids": list(corpus.ids)} for corpus in corpora}}
-
-
-def save(pruned: Pruned, out: str | Path, overwrite: bool = False, protected: tuple[Path, ...] = (),
-         in_place: bool = False) -> Path:
+def save(pruned: Pruned, out: str | Path, overwrite: bool = False, protected: tuple[Path, ...] = ()) -> Path:
     """Write the pruned model as a standard Hugging Face checkpoint in its save dtype, with its
-    dietprune.json, atomically. `in_place` may convert the model itself to the save dtype (no second
-    copy of the weights); otherwise the model in memory stays as it is."""
+    dietprune.json, atomically: tensor by tensor, each converted on the host (the model in memory stays
+    as it is). A streamed prune's checkpoint is already written: it is moved into place."""
     out = Path(out)
     check_output_path(out, overwrite, protected)
-    with atomic_dir(out, "replace" if overwrite else "refuse") as tmp:
-        _write_checkpoint(pruned, tmp, in_place)
+    record = pruned.record | {"saved_dtype": dtype_name(pruned.save_dtype)}
+    if_exists = "replace" if overwrite else "refuse"
+    if pruned.checkpoint is not None:
+        directory = pruned.checkpoint.directory
+        pruned.tokenizer.save_pretrained(directory)
+        (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        commit_dir(directory, out, if_exists)
+        pruned.checkpoint.directory = out
+        return out
+    with atomic_dir(out, if_exists) as tmp:
+        _write_checkpoint(pruned, tmp, record)
     return out
 
 
-def _write_checkpoint(pruned: Pruned, directory: Path, in_place: bool) -> None:
-    model, dtype = pruned.model, pruned.save_dtype
-    record = pruned.record | {"saved_dtype": dtype_name(dtype)}
-    state = None
-    if model.dtype != dtype:
-        if in_place and not hasattr(model, "hf_device_map"):
-            model.to(dtype)
-        else:  # a converted copy; tensors shared in the model (a tied head) stay shared
-            converted: dict[int, torch.Tensor] = {}
-            state = {name: converted.setdefault(t.data_ptr(), t.to(dtype)) if t.is_floating_point() else t
-                     for name, t in full_state_dict(model).items()}
-    serving = adapter_for(model.config).serving
-    if serving and (rewrite := serving(model.config, full_state_dict(model) if state is None else state)):
-        config, state, record["saved_as"] = rewrite  # the form engines run (models/serving.py)
-        model = rebuild(config, state, dtype)
-    model.save_pretrained(directory, state_dict=state)
+def _write_checkpoint(pruned: Pruned, directory: Path, record: dict) -> None:
+    note = save_model(Weights.of(pruned.model), directory, pruned.save_dtype)
+    if note:
+        record = record | {"saved_as": note}  # the form engines run (models/serving.py)
     pruned.tokenizer.save_pretrained(directory)
     (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -287,8 +222,15 @@ def evaluate(model: str | PreTrainedModel | Loaded | Pruned | None = None, token
     settings, calibration, runtime = settings_for(options, EvalSettings, CalibrationSettings, RuntimeSettings,
                                                   given=(settings, calibration, runtime), command="eval")
     if isinstance(model, Pruned):
-        model = Loaded(model.model, model.tokenizer, "pruned", model.record)
-    loaded = _loaded(model, tokenizer, runtime)
+        if model.checkpoint is not None:  # streamed: evaluated from its files like any model directory
+            loaded = replace(load(str(model.checkpoint.directory), runtime), name="pruned",
+                             record=model.record)
+        else:
+            loaded = Loaded(model.model, model.tokenizer, "pruned", model.save_dtype, model.record)
+    elif isinstance(model, (PreTrainedModel, Loaded)):
+        loaded = _loaded(model, tokenizer)
+    else:
+        loaded = load(model, runtime)
     tasks = tuple(calibration.tasks) + tuple(t for t in settings.heldout if t not in calibration.tasks)
     exclude = excluded_ids(loaded.record, calibration)
     source, include_path = calibration.data_source, calibration.include_path
@@ -325,7 +267,8 @@ def run(model: str | None, out: Path, prune_settings: PruneSettings | None = Non
     dense_results = evaluate(loaded, settings=eval_settings, calibration=calibration)
     compared = {}
     paper = replace(prune_settings, recover="none")
-    site = calibration.for_recovery(prune_settings.recover).site
+    site = resolve_site(calibration.site, resolve_recover(get_method(prune_settings.method),
+                                                          prune_settings.recover))
     if prune_settings.method == "diet" and (prune_settings, site) != (paper, "block_output"):
         paper_model = prune(loaded, settings=paper, calibration=replace(calibration, site="block_output"),
                             runtime=runtime)  # the paper's DIET at the same K, beside the configured one
@@ -342,7 +285,8 @@ def run(model: str | None, out: Path, prune_settings: PruneSettings | None = Non
     if "paper DIET" in compared:
         summary["paper"] = compared["paper DIET"]
     with atomic_dir(out, "replace" if overwrite else "refuse") as tmp:
-        _write_checkpoint(pruned, tmp / "pruned", in_place=True)  # evaluated: it may change now
+        saved_dtype = {"saved_dtype": dtype_name(pruned.save_dtype)}
+        _write_checkpoint(pruned, tmp / "pruned", pruned.record | saved_dtype)
         summary["disk_bytes"] = sum(f.stat().st_size for f in (tmp / "pruned").iterdir())
         saved = {"disk_bytes": summary["disk_bytes"], "saved_dtype": dtype_name(pruned.save_dtype)}
         table = run_report(pruned.record | saved, dense_results, compared, tuple(eval_settings.heldout))

@@ -18,11 +18,11 @@ import time
 import torch
 from torch import nn
 
-from dietprune.device import compute_dtype, resolve_device
 from dietprune.errors import DietError
 from dietprune.evaluate import dtype_name
 from dietprune.models.edit import count_params, head_dim
 from dietprune.models.load import resolve
+from dietprune.plan import compute_dtype, resolve_device
 
 PROMPT = 512
 NEW_TOKENS = 128
@@ -63,7 +63,7 @@ def measure(path: str, repeats: int = 3, dtype: str = "auto", device: str = "aut
     from dietprune.models.load import load_model
 
     where = resolve_device(device)
-    model, _, _ = load_model(path, compute_dtype(dtype, where), where)
+    model = load_model(path, compute_dtype(dtype, where), where).model
     vocab = model.config.vocab_size
     ids = {b: torch.randint(10, vocab, (b, PROMPT), generator=torch.Generator().manual_seed(b)).to(where)
            for b in (1, 8)}

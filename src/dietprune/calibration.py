@@ -1,31 +1,32 @@
-"""Calibration: which texts run through the model, in which batches, and the one hooked forward loop.
+"""Calibration: which texts run through the model, and in which batches.
 
-Profiling, recovery, the rotation and the structural baselines all learn from the same thing: the
-model's activations on calibration texts. They differ only in what they collect, so they share
-`ForwardPass`: hooks receive the activations of real tokens only (padding removed here, in one place),
-and a hook may end a pass early once it has what it needs (`StopForward`).
+Profiling, recovery and the baselines all learn from the model's activations on calibration texts:
+the corpora come from here, and the sequential engine (sequential.py) runs their batches block by block.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from dietprune.device import input_device
 from dietprune.errors import DietError
-from dietprune.progress import progress
 from dietprune.settings import CalibrationSettings
 from dietprune.tasks import load_examples, split_ids
 from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 from dietprune.tasks.registry import seeded_sample
 from dietprune.tasks.sources import read_source
 
-MAX_BATCH_TOKENS = 4096  # padded tokens per calibration forward pass: bounds activation memory
+
+@dataclass(frozen=True)
+class Batching:
+    """How calibration texts become forward passes: each text cut to `max_length` tokens, at most `rows`
+    texts and `tokens` padded tokens per batch (plan.py sets `tokens` by the device)."""
+
+    rows: int
+    max_length: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -97,24 +98,34 @@ def is_main_process() -> bool:
     return process_group()[0] == 0
 
 
-def token_batches(tokenizer, texts, batch_size: int = 8, max_length: int = 1024, shard: bool = False
-            ) -> list[dict[str, torch.Tensor]]:
+def token_batches(tokenizer, texts, batching: Batching, shard: bool = False) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of the tokenized texts, longest first (similar lengths share a batch, so
-    there is little padding), of at most `batch_size` rows and `MAX_BATCH_TOKENS` padded tokens. Texts
-    are tokenized with the tokenizer's own special tokens, exactly as in evaluation. `shard`: this
-    process's share under torch.distributed, every world-th text."""
-    encoded = sorted((tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts),
-                     key=len, reverse=True)
+    there is little padding), within `batching`'s limits. Texts are tokenized with the tokenizer's own
+    special tokens, exactly as in evaluation. `shard`: this process's share under torch.distributed,
+    every world-th text."""
+    encoded = sorted((tokenizer(t, truncation=True, max_length=batching.max_length)["input_ids"]
+                      for t in texts), key=len, reverse=True)
     if shard:
         rank, world = process_group()
         encoded = encoded[rank::world]
     groups: list[list[list[int]]] = []
     for seq in encoded:
-        if not groups or len(groups[-1]) == batch_size or \
-                (len(groups[-1]) + 1) * len(groups[-1][0]) > MAX_BATCH_TOKENS:
+        if not groups or len(groups[-1]) == batching.rows or \
+                (len(groups[-1]) + 1) * len(groups[-1][0]) > batching.tokens:
             groups.append([])
         groups[-1].append(seq)
     return [pad(group) for group in groups]
+
+
+def corpus_batches(tokenizer, corpora: list[Corpus], batching: Batching, shard: bool = False
+                   ) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """Every corpus's batches (a batch holds one corpus's texts), and the corpus index of each."""
+    batches, groups = [], []
+    for index, corpus in enumerate(corpora):
+        mine = token_batches(tokenizer, corpus.texts, batching, shard)
+        batches += mine
+        groups += [index] * len(mine)
+    return batches, groups
 
 
 def pad(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -126,55 +137,3 @@ def pad(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         input_ids[row, :len(seq)] = torch.tensor(seq)
         attention_mask[row, :len(seq)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-class StopForward(Exception):
-    """Raised by a hook to end the running forward pass: what the pass was for is collected."""
-
-
-class ForwardPass:
-    """Run calibration batches through a model's decoder (never the LM head) with hooks attached.
-
-    `on_input(module, fn)` calls fn(x) with the module's first input, `on_output(module, fn)` with its
-    output (the first element of a tuple); x has one row per real token: (tokens, ...) with padding
-    removed. `on_call(module, fn)` calls fn(args, kwargs) with the raw inputs, padding included.
-    Batches go to the device of the model's input embedding.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self._hooks: list[tuple[nn.Module, str, Callable]] = []
-        self._mask: torch.Tensor | None = None  # (batch, seq) bool: the running batch's real tokens
-
-    def on_input(self, module: nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
-        def hook(_module, args, kwargs):
-            fn((args[0] if args else kwargs["hidden_states"])[self._mask])
-        self._hooks.append((module, "pre", hook))
-
-    def on_output(self, module: nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
-        def hook(_module, _args, output):
-            fn((output[0] if isinstance(output, tuple) else output)[self._mask])
-        self._hooks.append((module, "post", hook))
-
-    def on_call(self, module: nn.Module, fn: Callable[[tuple, dict], None]) -> None:
-        self._hooks.append((module, "pre", lambda _module, args, kwargs: fn(args, kwargs)))
-
-    @torch.inference_mode()
-    def run(self, batches: list[dict[str, torch.Tensor]], desc: str = "calibrate") -> int:
-        """Run every batch; returns the number of real (non-padding) tokens."""
-        handles = [module.register_forward_pre_hook(hook, with_kwargs=True) if when == "pre"
-                   else module.register_forward_hook(hook) for module, when, hook in self._hooks]
-        device, tokens = input_device(self.model), 0
-        decoder = self.model.get_decoder()
-        try:
-            for batch in progress(batches, desc=desc, unit="batch"):
-                batch = {key: value.to(device) for key, value in batch.items()}
-                self._mask = batch["attention_mask"].bool()
-                with contextlib.suppress(StopForward):
-                    decoder(**batch, use_cache=False)
-                tokens += int(self._mask.sum())
-        finally:
-            for handle in handles:
-                handle.remove()
-            self._mask = None
-        return tokens

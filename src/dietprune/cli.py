@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -95,6 +97,21 @@ def _settings(command: Command, args: argparse.Namespace) -> dict[type[Settings]
     return settings
 
 
+DATA_PARALLEL = ("profile", "prune")  # the commands torchrun may run: profiling is sharded over processes
+
+
+def _join_process_group(command: str, runtime: RuntimeSettings | None) -> None:
+    """Under torchrun, join the process group (profile and prune), or refuse a command that does not
+    run data parallel before it starts (each process would repeat it and race on its output)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return
+    if command not in DATA_PARALLEL:
+        raise DietError(f"diet {command} does not run data parallel; run it without torchrun")
+    from dietprune.plan import resolve_device
+
+    init_distributed(resolve_device(runtime.device), runtime.device_map)
+
+
 def cmd_profile(args, settings) -> None:
     from dietprune.api import profile
     from dietprune.calibration import is_main_process
@@ -121,11 +138,16 @@ def cmd_prune(args, settings) -> None:
     local = Path(args.model).expanduser() if args.model else None
     protected = (local,) if local and local.exists() else ()
     check_output_path(args.out, args.overwrite, protected)
-    pruned = prune(args.model, settings=settings[PruneSettings], calibration=settings[CalibrationSettings],
-                   runtime=settings[RuntimeSettings], scores=args.scores, in_place=True)
-    if not is_main_process():  # data-parallel profiling: every process got the same mask; one saves
-        return
-    save(pruned, args.out, args.overwrite, protected, in_place=True)
+    staging = args.out.parent / f".{args.out.name}.{os.getpid()}.blocks.tmp"  # a streamed prune writes here
+    try:
+        pruned = prune(args.model, settings=settings[PruneSettings],
+                       calibration=settings[CalibrationSettings], runtime=settings[RuntimeSettings],
+                       scores=args.scores, in_place=True, staging=staging)
+        if not is_main_process():  # data-parallel profiling: every process got the same mask; one saves
+            return
+        save(pruned, args.out, args.overwrite, protected)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     record = pruned.record
     print(json.dumps(prune_summary(record), indent=2) if args.json else prune_summary_text(record))
 
@@ -314,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             transformers_logging.disable_progress_bar()
         command = args.command_spec
         settings = _settings(command, args)
-        init_distributed()
+        _join_process_group(args.command, settings.get(RuntimeSettings))
         with memory_guard(getattr(settings.get(RuntimeSettings), "device", "cpu")):
             command.run(args, settings)
     except DietError as exc:

@@ -12,8 +12,9 @@ minus the first `len(encode(context))` tokens. The scores are the same; the spee
   just the context, as a plain causal row;
 * the LM head (a quarter-million-row matrix for Gemma) applied in float32 only at the distinct positions
   that predict continuation tokens (the context's last position once, not once per choice);
-* rows sorted by length and batched with right padding up to `MAX_BATCH_TOKENS` tokens (few large
-  matmuls: a CPU runs a 40-token matmul at a fraction of its speed), under `torch.inference_mode`.
+* rows sorted by length and batched with right padding up to a token budget (`budget`: 2,048 on a CPU,
+  few large matmuls, as a CPU runs a 40-token matmul at a fraction of its speed; more on a GPU, by its
+  free memory), under `torch.inference_mode`, with one host sync per head chunk at most.
 
 Multi-token branches fall back to one plain causal sequence per request (no custom mask) when the
 model's attention is neither "sdpa" nor "eager", or when a request is longer than the model's sliding
@@ -31,8 +32,21 @@ import torch
 from dietprune.device import input_device
 from dietprune.progress import progress as progress_bar
 
-HEAD_CHUNK = 128  # hidden states per LM-head matmul: bounds the (chunk, vocab) float32 logits buffer
-MAX_BATCH_TOKENS = 2048  # padded tokens per forward pass: large matmuls for CPU efficiency, bounded memory
+CPU_HEAD_CHUNK = 128  # hidden states per LM-head matmul on a CPU: bounds the (chunk, vocab) fp32 logits
+CPU_BATCH_TOKENS = 2048  # padded tokens per forward pass on a CPU: large matmuls, bounded memory
+
+
+def budget(model, device: torch.device) -> tuple[int, int]:
+    """(padded tokens per forward pass, hidden rows per LM-head matmul): the CPU figures above; on a GPU
+    as many as keep a batch's activations (~16 x width floats per token) within 5% of its free memory
+    and the head's float32 logits (and their log-softmax) within 2%."""
+    if device.type != "cuda":
+        return CPU_BATCH_TOKENS, CPU_HEAD_CHUNK
+    free = torch.cuda.mem_get_info(device)[0]
+    config = model.config.get_text_config()
+    tokens = int(min(32768, max(CPU_BATCH_TOKENS, free * 0.05 // (16 * config.hidden_size * 4))))
+    chunk = int(min(8192, max(CPU_HEAD_CHUNK, free * 0.02 // (3 * config.vocab_size * 4))))
+    return tokens, chunk
 PACKABLE_ATTENTION = ("sdpa", "eager")
 
 
@@ -117,35 +131,38 @@ def _attention_inputs(rows: list[_Row], length: int, eager_dtype: torch.dtype | 
     return {"attention_mask": mask, "position_ids": positions}
 
 
-def _target_logprobs(model, hidden: torch.Tensor, at: torch.Tensor, targets: torch.Tensor
+def _target_logprobs(model, hidden: torch.Tensor, at: torch.Tensor, targets: torch.Tensor, chunk: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(targets[i]) given hidden[at[i]], and whether targets[i] is the most likely token there: the
-    LM head (+ Gemma's final softcap) once per hidden row, in the head's own dtype even under autocast."""
+    LM head (+ Gemma's final softcap) once per hidden row, `chunk` rows per matmul, in the head's own
+    dtype even under autocast. The results stay where the logits are until the end."""
     head = model.get_output_embeddings()
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     hidden = hidden.to(head.weight.dtype if head.weight.device.type != "meta" else hidden.dtype)
-    out = torch.empty(len(targets), dtype=torch.float32)
-    greedy = torch.empty(len(targets), dtype=torch.bool)
-    for first in range(0, len(hidden), HEAD_CHUNK):
+    out, greedy = [], []
+    for first in range(0, len(hidden), chunk):
         with torch.autocast(hidden.device.type, enabled=False):  # the head where accelerate placed it
-            logits = head(hidden[first : first + HEAD_CHUNK]).float()
+            logits = head(hidden[first : first + chunk]).float()
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        here = ((at >= first) & (at < first + HEAD_CHUNK)).cpu()
-        rows, columns = (at.cpu()[here] - first).to(logits.device), targets[here].to(logits.device)
-        out[here] = logits.log_softmax(-1)[rows, columns].cpu()
-        greedy[here] = (logits.argmax(-1)[rows] == columns).cpu()
-    return out, greedy
+        index, columns = at.to(logits.device), targets.to(logits.device)
+        here = (index >= first) & (index < first + chunk)
+        rows = (index - first).clamp(0, len(logits) - 1)
+        logprobs = logits.log_softmax(-1)[rows, columns]
+        hits = logits.argmax(-1)[rows] == columns
+        out.append(torch.where(here, logprobs, 0.0))
+        greedy.append(torch.where(here, hits, True))
+    return torch.stack(out).sum(0).cpu(), torch.stack(greedy).all(0).cpu()
 
 
-def _batches(rows: list[_Row], batch_size: int) -> Iterable[list[_Row]]:
-    """Consecutive rows of one kind, at most `batch_size` rows and `MAX_BATCH_TOKENS` padded tokens."""
+def _batches(rows: list[_Row], batch_size: int, max_tokens: int) -> Iterable[list[_Row]]:
+    """Consecutive rows of one kind, at most `batch_size` rows and `max_tokens` padded tokens."""
     batch: list[_Row] = []
     for row in rows:
         if batch and (
             (row.positions is None) != (batch[0].positions is None)
             or len(batch) == batch_size
-            or (len(batch) + 1) * len(batch[0].tokens) > MAX_BATCH_TOKENS
+            or (len(batch) + 1) * len(batch[0].tokens) > max_tokens
         ):
             yield batch
             batch = []
@@ -168,12 +185,13 @@ def _score_rows(
         else contextlib.nullcontext()
     )
     body = model.get_decoder()
+    max_tokens, chunk = budget(model, device)
     rows = sorted(rows, key=lambda r: (r.positions is None, -len(r.tokens)))
     totals = torch.zeros(n_slots, dtype=torch.float64)
     misses = torch.zeros(n_slots, dtype=torch.long)
     bar = progress_bar(total=sum(len(r.scored) for r in rows), desc=desc, disable=not progress)
     with torch.inference_mode(), autocast:
-        for batch in _batches(rows, batch_size):
+        for batch in _batches(rows, batch_size, max_tokens):
             length = len(batch[0].tokens)
             ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
             for i, row in enumerate(batch):
@@ -191,7 +209,7 @@ def _score_rows(
                     slots += [slot] * len(tgt)
             where, at = torch.tensor(flat, device=hidden.device).unique(return_inverse=True)
             picked = hidden.reshape(-1, hidden.shape[-1])[where]
-            logprobs, greedy = _target_logprobs(model, picked, at, torch.tensor(targets))
+            logprobs, greedy = _target_logprobs(model, picked, at, torch.tensor(targets), chunk)
             totals.index_add_(0, torch.tensor(slots), logprobs.double())
             misses.index_add_(0, torch.tensor(slots), (~greedy).long())
             bar.update(sum(len(r.scored) for r in batch))
@@ -212,7 +230,7 @@ def loglikelihoods(
     and whether the continuation is the greedy decode (lm-eval's `is_greedy`).
 
     `batch_size` caps the rows (a context with all its continuations) per forward pass, besides the
-    `MAX_BATCH_TOKENS` budget; `dtype`, if it differs from the model's, runs the transformer body under
+    token `budget`; `dtype`, if it differs from the model's, runs the transformer body under
     `torch.autocast` while the LM head keeps the model's dtype and the softmax is float32. On CPU,
     autocast re-casts the weights at every call (measured 1.5x slower than float32 here); for speed, load
     the model in bfloat16 instead.

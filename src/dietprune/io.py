@@ -101,6 +101,19 @@ def atomic_file(path: Path, if_exists: IfExists = "replace") -> Iterator[Path]:
         _commit(tmp, path, if_exists)
 
 
+def commit_dir(directory: Path, out: Path, if_exists: IfExists = "refuse") -> None:
+    """Make a complete directory written elsewhere (a streamed prune's staging folder) `out`, atomically:
+    renamed when it is on the same file system, else copied into a temporary sibling first."""
+    try:
+        _commit(directory, out, if_exists)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise cannot_write(out, exc) from exc
+        with atomic_dir(out, if_exists) as tmp:
+            shutil.copytree(directory, tmp, dirs_exist_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def write_atomic(path: Path, text: str, if_exists: IfExists = "replace") -> None:
     """Write `text` to `path` atomically."""
     with atomic_file(path, if_exists) as tmp:

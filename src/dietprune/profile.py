@@ -2,11 +2,12 @@
 
 DIET's score for dimension k on a task is the mean |activation| over all blocks, then over all tokens
 and samples. Averages are linear, so we keep token-weighted sums per dimension (padding excluded) and
-divide at the end; sums from several processes or runs add up exactly.
+divide at the end; sums from several processes or runs add up exactly. Every task is profiled in the
+same sequential pass (each block read once for all of them).
 
 Data parallel: under torch.distributed (e.g. `torchrun --nproc-per-node 2 -m dietprune.cli profile`),
-each process profiles every world-th text and the sums are all-reduced, so every process holds the
-same totals as a single-process run (up to float summation order).
+each process profiles every world-th text of each task and the sums are all-reduced, so every process
+holds the same totals as a single-process run (up to float summation order).
 
 Activation sites (the paper does not say which; `block_output` is our default):
   block_output  the residual stream after each decoder block (one vector per block and token)
@@ -19,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from dietprune.calibration import ForwardPass, process_group, token_batches
+from dietprune.calibration import Batching, Corpus, corpus_batches, process_group
 from dietprune.errors import DietError
-from dietprune.models.adapters import adapter_for
+from dietprune.sequential import Observer, Weights, capture, observe
 from dietprune.settings import AGGREGATIONS, SITES
 
 
@@ -53,50 +53,47 @@ class ActivationStats:
                                self.tokens + other.tokens)
 
 
-def site_modules(model: nn.Module, site: str) -> list[nn.Module]:
-    """The modules whose outputs are profiled for `site`."""
-    adapter = adapter_for(model.config)
-    layers = model.get_submodule(adapter.layers)
-    if site == "block_output":
-        return list(layers)
-    if site == "norm_output":
-        return [layer.get_submodule(name) for layer in layers for name in adapter.input_norms]
-    raise DietError(f"unknown activation site {site!r}; choose one of {', '.join(SITES)}")
+class Profile(Observer):
+    """DIET's statistics, per corpus: token-weighted sums of |a_k| and a_k^2 at `site`, each averaged over
+    the site's tensors (every block's output, or every residual norm's output).
+
+    Each batch is summed in float32, whatever the compute dtype (a bfloat16 sum of thousands of terms
+    keeps ~3 significant digits), and accumulated in float64 on the device, so a task's total over
+    ~10^5 tokens keeps every batch's digits and data-parallel shards add up to one process's totals."""
+
+    def __init__(self, site: str, width: int, n_layers: int, n_groups: int, device: torch.device):
+        if site not in SITES:
+            raise DietError(f"unknown activation site {site!r}; choose one of {', '.join(SITES)}")
+        self.sites = frozenset({site})
+        self.per = n_layers * (2 if site == "norm_output" else 1)  # tensors averaged over
+        self.sum_abs = torch.zeros(n_groups, width, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(n_groups, width, dtype=torch.float64, device=device)
+
+    def observe(self, index: int, site: str, sub: int | None, x: torch.Tensor, group: int) -> None:
+        x = x.float()
+        self.sum_abs[group].add_(x.abs().sum(0).to(self.sum_abs.device, torch.float64), alpha=1 / self.per)
+        self.sum_sq[group].add_(x.square().sum(0).to(self.sum_sq.device, torch.float64), alpha=1 / self.per)
+
+    def result(self, tokens: list[int]) -> list[ActivationStats]:
+        """Per corpus, its statistics (`tokens`: its real tokens), summed over data-parallel processes."""
+        sum_abs, sum_sq, counts = self.sum_abs, self.sum_sq, torch.tensor(tokens, dtype=torch.float64)
+        if process_group()[1] > 1:
+            packed = torch.cat([sum_abs, sum_sq, counts.to(sum_abs.device)[:, None]], dim=1)
+            dist.all_reduce(packed)
+            d = sum_abs.shape[1]
+            sum_abs, sum_sq, counts = packed[:, :d], packed[:, d:2 * d], packed[:, -1]
+        return [ActivationStats(a.cpu(), q.cpu(), int(n)) for a, q, n in zip(sum_abs, sum_sq, counts,
+                                                                             strict=True)]
 
 
-def profile(model: nn.Module, tokenizer, texts, site: str = "block_output", batch_size: int = 8,
-            max_length: int = 1024, desc: str = "profile") -> ActivationStats:
-    """Run `texts` through `model` and accumulate activation statistics at `site` (hooks only).
-
-    Each batch (at most `calibration.MAX_BATCH_TOKENS` tokens) is summed in float32, whatever the
-    compute dtype: a bfloat16 sum of thousands of terms keeps only ~3 significant digits. The batch
-    sums accumulate in float64 on the model's device, so a task's total over ~10^5 tokens keeps every
-    batch's digits and data-parallel shards add up to the single-process totals."""
-    modules = site_modules(model, site)
-    d = model.config.hidden_size
-    device = model.get_input_embeddings().weight.device
-    sum_abs = torch.zeros(d, dtype=torch.float64, device=device)
-    sum_sq = torch.zeros(d, dtype=torch.float64, device=device)
-
-    def accumulate(hidden: torch.Tensor) -> None:
-        hidden = hidden.float()
-        sum_abs.add_(hidden.abs().sum(0).to(device, torch.float64), alpha=1 / len(modules))
-        sum_sq.add_(hidden.square().sum(0).to(device, torch.float64), alpha=1 / len(modules))
-
-    run = ForwardPass(model)
-    for module in modules:
-        run.on_output(module, accumulate)
-    tokens = run.run(token_batches(tokenizer, texts, batch_size, max_length, shard=True), desc)
-    stats = ActivationStats(sum_abs, sum_sq, tokens)
-    if process_group()[1] > 1:
-        stats = _all_reduce(stats)
-    return ActivationStats(stats.sum_abs.cpu(), stats.sum_sq.cpu(), stats.tokens)
-
-
-def _all_reduce(stats: ActivationStats) -> ActivationStats:
-    """Sum every process's statistics (all processes get the total)."""
-    tokens = torch.tensor([float(stats.tokens)], dtype=torch.float64, device=stats.sum_abs.device)
-    packed = torch.cat([stats.sum_abs, stats.sum_sq, tokens])
-    dist.all_reduce(packed)
-    d = len(stats.sum_abs)
-    return ActivationStats(packed[:d], packed[d:2 * d], int(packed[-1]))
+def profile(weights: Weights, tokenizer, corpora: list[Corpus], site: str, batching: Batching,
+            extra: tuple[Observer, ...] = (), desc: str = "profile") -> list[ActivationStats]:
+    """Per corpus, the activation statistics at `site`: one sequential pass over the blocks with every
+    corpus's batches (this process's shard of them under torch.distributed). `extra` observers ride
+    along in the same pass (a method's weight statistics)."""
+    batches, groups = corpus_batches(tokenizer, corpora, batching, shard=True)
+    stream = capture(weights, batches, groups)
+    observer = Profile(site, weights.model.config.hidden_size, len(weights.blocks), len(corpora),
+                       stream.storage if stream.storage.type != "cpu" else weights.device)
+    observe(weights, stream, [observer, *extra], desc)
+    return observer.result([stream.tokens(i) for i in range(len(corpora))])

@@ -13,7 +13,9 @@ readers (q/k/v, gate/up; one K x K system per norm site): W' n' ~ W n, the dense
     with C_nn' = sum n n'^T, C_n'n' = sum n' n'^T and W_K = W[:, kept], the plain slice.
 writers (o_proj, down_proj rows; one system per writer over its input width): W' z' ~ c (W z)_K, the
     dense writer's output on the kept dims from the dense input z given the pruned input z':
-        W' = W'_0 (C_zz' + lam I) (C_z'z' + lam I)^-1,   W'_0 = c W_K (the plain slice).
+        W' = W'_0 (C_zz' + lam I) (C_z'z' + lam I)^-1,   W'_0 = c W_K (the plain slice),
+    accumulated as R = W'_0 C_zz' = sum_t c y_K z'^T (y = W z, the dense writer's output), so only one
+    m x m matrix exists; it is factorised in place (Cholesky: the system is symmetric positive definite).
 norms (the output norms of Gemma-2/3, one gain per dim): their input is normalised over K dims
     instead of d, so a kept dim's share of the energy decides its scale (measured on Gemma-3 270M at
     20%: as little as 21% of a writer's output energy stays, making that update 2.2x too large). Each
@@ -26,243 +28,218 @@ Ridge towards the plain slice (not towards 0): nothing changes when nothing is p
 the calibration data does not excite keep their sliced values. lam = alpha x the mean diagonal of the
 Gram matrix (alpha = 0.01, GPTQ's dampening). Statistics are float64.
 
-Memory holds the hidden states of the calibration tokens and one block's statistics, never per-token
-activations of a whole model, and never two models: blocks are sliced and refit one at a time
-(`slice_model(..., on_block=...)`), each refit block then moved into the dense block's memory. The
-dense model may be dispatched by accelerate with layers offloaded to CPU memory or disk: each dense
-layer is onloaded for its own step.
+How (sequential.py's walk, two streams side by side): the calibration batches' hidden states enter
+block 0 as the dense stream h and the pruned one h' = c h_K. For each block, brought to the device once,
+and each of its sub-blocks, stage by stage over all batches: (1) the norms' outputs give the readers'
+Gram matrices, and the readers are refit; (2) the dense module and the refit pruned module (stopped at
+its writer) give the writer's statistics, and the writer is refit; (3) the refit writer's outputs give
+the output norm's gains; (4) both streams advance. Each piece of the dense and of the pruned block runs
+once per batch (the norms twice), never the whole block once per refit. Memory holds the two streams,
+one stage's intermediates and one block's statistics; the refit block goes to the sink (memory, the
+dense block's own memory, or the output files) before the next block is read.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from dietprune.calibration import ForwardPass, StopForward, token_batches
-from dietprune.device import execution_device, onloaded
-from dietprune.models.adapters import adapter_for
+from dietprune.assemble import Sink, rest_tensors
+from dietprune.calibration import Batching, Corpus, corpus_batches
+from dietprune.errors import DietError
+from dietprune.models.adapters import SubBlock
+from dietprune.models.edit import meta_model
 from dietprune.progress import progress
-from dietprune.slice import head_scale, slice_model
+from dietprune.sequential import StopForward, Stream, Weights, capture, run_module, to_device, to_meta
+from dietprune.slice import head_scale, slice_edit
 
 PARTS = ("readers", "writers", "norms", "head")
-
-
-def _layer_inputs(model: nn.Module, batches: list[dict], every_layer: bool = True
-                  ) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Per batch: the first block's input, and (`every_layer`) every block's keyword arguments (masks,
-    positions; they differ between sliding and full attention layers). Without `every_layer` the
-    forward pass stops at the first block."""
-    layers = model.get_submodule(adapter_for(model.config).layers)
-    last = len(layers) - 1 if every_layer else 0
-    hidden, kwargs = [], []
-
-    def capture(index: int):
-        def fn(args: tuple, kw: dict) -> None:
-            if index == 0:
-                hidden.append(args[0] if args else kw["hidden_states"])
-                kwargs.append([])
-            kwargs[-1].append({k: v for k, v in kw.items() if k != "hidden_states"})
-            if index == last:
-                raise StopForward
-        return fn
-
-    run = ForwardPass(model)
-    for i, layer in enumerate(layers[:last + 1]):
-        run.on_call(layer, capture(i))
-    run.run(batches, desc="layer inputs")
-    return hidden, kwargs
-
-
-def _to(value, device: torch.device):
-    """Tensors in nested tuples, lists and dicts moved to `device` (layer inputs: hidden states, masks,
-    position embeddings)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-def _capture(layer: nn.Module, taps: dict[str, str], hidden, kwargs, index, masks
-             ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Run the layer on every batch; for each tapped module name, its "input" or "output" on real
-    tokens (float64, one row per token), and the layer's outputs."""
-    device = execution_device(layer)
-    seen: dict[str, list] = {name: [] for name in taps}
-    handles = []
-    for name, what in taps.items():
-        module = layer.get_submodule(name)
-        if what == "input":
-            handles.append(module.register_forward_pre_hook(lambda _m, args, n=name: seen[n].append(args[0])))
-        else:
-            handles.append(module.register_forward_hook(lambda _m, _a, out, n=name: seen[n].append(out)))
-    try:
-        outputs = []
-        for h, kw in zip(hidden, kwargs, strict=True):
-            result = layer(h.to(device), **_to(kw[index], device))
-            outputs.append(result[0] if isinstance(result, tuple) else result)
-    finally:
-        for handle in handles:
-            handle.remove()
-    rows = {n: torch.cat([x[m.to(x.device).bool()] for x, m in zip(seen[n], masks, strict=True)]).double()
-            for n in taps}
-    return rows, outputs
+HEAD_ROWS = 1 << 15  # vocabulary rows per float64 chunk of the head's Gram matrix
 
 
 @torch.inference_mode()
-def recover(dense: PreTrainedModel, tokenizer, texts: list[str], keep: torch.Tensor, alpha: float = 0.01,
-            batch_size: int = 8, max_length: int = 1024, parts: tuple[str, ...] = ("readers",),
-            in_place: bool = False) -> PreTrainedModel:
-    """The slice of `dense` to the dims `keep` with its `parts` refit so that its modules' outputs match
-    `dense`'s on `texts` (see the module doc). Blocks are sliced and refit one at a time, so `in_place`
-    (`dense` is destroyed) holds one model plus one block, never a second copy."""
-    adapter = adapter_for(dense.config)
-    keep = torch.as_tensor(keep).sort().values  # the slice's order
-    batches = token_batches(tokenizer, texts, batch_size, max_length)
-    masks = [b["attention_mask"] for b in batches]
-    dense_hidden, kwargs = _layer_inputs(dense, batches)
-    head = _HeadTarget(dense, keep) if "head" in parts else None  # needs the dense head: before slicing
-    pruned_hidden: list[torch.Tensor] = []
-    c = math.sqrt(len(keep) / dense.config.hidden_size)
-    bar = progress(total=len(dense.get_submodule(adapter.layers)), desc="recover", unit="block")
-
-    def refit_block(pruned: nn.Module, index: int, dense_layer: nn.Module) -> None:
-        nonlocal dense_hidden, pruned_hidden
-        if index == 0:
-            pruned_hidden = _layer_inputs(pruned, batches, every_layer=False)[0]
-        pruned_layer = pruned.get_submodule(adapter.layers)[index]
-        taps = {}
-        for block in adapter.sub_blocks:
-            taps[block.readers[0]] = "input"  # the readers of a block share their input
-            taps[block.writer] = "input"
-            if block.output_norm:
-                taps[block.output_norm] = "output"
-        targets, dense_hidden = _capture(dense_layer, taps, dense_hidden, kwargs, index, masks)
-        with onloaded(dense_layer):  # the dense weights, onloaded if accelerate offloaded them
+def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tensor, parts: tuple[str, ...],
+            alpha: float, batching: Batching, sink: Sink, in_place: bool = False) -> None:
+    """Slice the model of `weights` to the dims `keep` and refit `parts` so that its modules' outputs
+    match the dense model's on the corpora's texts (see the module doc); every finished tensor goes to
+    `sink`. `in_place`: the dense tensors outside the blocks may be sliced in their own memory."""
+    model, adapter = weights.model, weights.adapter
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    d, k = model.config.hidden_size, len(keep)
+    c = math.sqrt(k / d)
+    blocks_edit, rest_edit = slice_edit(model, keep), slice_edit(model, keep, in_place)
+    batches, _ = corpus_batches(tokenizer, corpora, batching)
+    dense = capture(weights, batches)
+    pruned = dense.mapped(lambda h: c * h[..., keep.to(h.device)])
+    layers = meta_model(blocks_edit.config).get_submodule(adapter.layers)  # the sliced blocks are refit in
+    for i in progress(range(len(weights.blocks)), desc="recover", unit="block"):
+        with weights.onloaded(f"{adapter.layers}.{i}") as layer:
+            device = weights.device_of(layer)
+            fit = layers[i]
+            fit.load_state_dict(blocks_edit.block(i, layer.state_dict()), strict=True, assign=True)
+            fit.to(device)
+            kwargs = [to_device(kw[i], device) for kw in dense.kwargs]
             for block in adapter.sub_blocks:
-                steps = [("readers", block.readers[0])] + [("writers", block.writer)] + \
-                    ([("norms", block.output_norm)] if block.output_norm else [])
-                for part, tapped in steps:
-                    if part not in parts:
-                        continue
-                    inputs, _ = _capture(pruned_layer, {tapped: "input"}, pruned_hidden, kwargs, index, masks)
-                    if part == "readers":
-                        _refit_readers(dense_layer, pruned_layer, block.readers, targets[tapped],
-                                       inputs[tapped], alpha)
-                    elif part == "writers":
-                        _refit_writer(pruned_layer.get_submodule(tapped), targets[tapped], inputs[tapped],
-                                      alpha)
-                    else:
-                        norm = pruned_layer.get_submodule(tapped)
-                        _refit_gain(norm, adapter.norm_offset, c * targets[tapped][:, keep.to(
-                            targets[tapped].device)], _normalised(norm, inputs[tapped]), alpha)
-        pruned_hidden = _capture(pruned_layer, {}, pruned_hidden, kwargs, index, masks)[1]
-        bar.update()
-
-    pruned = slice_model(dense, keep, in_place, on_block=refit_block)
-    bar.close()
-    if head is not None:
-        head.refit(pruned, dense_hidden, pruned_hidden, masks, alpha)
-    return pruned
+                _refit_sub_block(layer, fit, block, dense, pruned, kwargs, keep, c, parts, alpha,
+                                 adapter.norm_offset, device)
+            sink.block(i, fit.state_dict(), layer)
+            to_meta(fit)
+    head = _head_statistics(weights, dense, pruned, keep, alpha) if "head" in parts else None
+    final = f"{adapter.final_norm}.weight"
+    for name, tensor in rest_tensors(weights, rest_edit.config):
+        tensor = rest_edit.rest(name, tensor)
+        if name == final and head is not None:
+            tensor = head(tensor, adapter.norm_offset, head_scale(model, k))
+        sink.rest(name, tensor)
 
 
-def _ridge(gram: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gram + lam I, lam) with lam = alpha x its mean diagonal; in place: a writer's Gram matrix is
-    m x m float64 (0.7 GB at m = 9216), so no second copy and no identity matrix is made."""
+def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, dense: Stream, pruned: Stream,
+                     kwargs: list[dict], keep: torch.Tensor, c: float, parts: tuple[str, ...], alpha: float,
+                     offset: float, device: torch.device) -> None:
+    """Refit one sub-block of `fit` (the sliced block) and advance both streams past it."""
+    norm, fit_norm = dense_layer.get_submodule(block.norm), fit.get_submodule(block.norm)
+    batches = range(len(dense))
+    keep = keep.to(device)
+
+    def rows(b: int, x: torch.Tensor) -> torch.Tensor:  # batch b's real tokens, float64
+        return dense.real(b, x).double()
+
+    def inputs(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return norm(dense.hidden[b].to(device)), fit_norm(pruned.hidden[b].to(device))
+
+    if "readers" in parts:  # (1) W' = (W C_nn' + lam W_K)(C_n'n' + lam I)^-1
+        k, d = len(keep), dense.hidden[0].shape[-1]
+        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+        cross = torch.zeros(d, k, dtype=torch.float64, device=device)
+        for b in batches:
+            n, n_fit = (rows(b, x) for x in inputs(b))
+            gram.addmm_(n_fit.T, n_fit)
+            cross.addmm_(n.T, n_fit)
+        lam = _damp(gram, alpha)
+        factor = _cholesky(gram)
+        for name in block.readers:
+            weight, target = dense_layer.get_submodule(name).weight, fit.get_submodule(name).weight
+            rhs = weight.to(torch.float64) @ cross + lam * target.to(torch.float64)
+            target.copy_(_solve(factor, rhs.T).T)
+        del gram, cross, factor
+
+    # (2) dense outputs y (the writer's), pruned writer inputs z' (the refit module stopped at the writer)
+    writer = fit.get_submodule(block.writer)
+    outputs, z_fit = [], []
+    for b in batches:
+        n, n_fit = inputs(b)
+        outputs.append(run_module(dense_layer, block, n, kwargs[b]))
+        z_fit.append(_writer_input(fit, block, n_fit, kwargs[b]))
+    if "writers" in parts:  # W' = (R + lam W'_0)(C_z'z' + lam I)^-1, R = sum c y_K z'^T = W'_0 C_zz'
+        m = z_fit[0].shape[-1]
+        gram = torch.zeros(m, m, dtype=torch.float64, device=device)
+        cross = torch.zeros(len(keep), m, dtype=torch.float64, device=device)
+        for b in batches:
+            z = rows(b, z_fit[b])
+            gram.addmm_(z.T, z)
+            cross.addmm_(c * rows(b, outputs[b])[:, keep].T, z)
+        lam = _damp(gram, alpha)
+        cross.add_(writer.weight.to(torch.float64), alpha=lam)
+        factor = _cholesky(gram)
+        del gram
+        writer.weight.copy_(_solve(factor, cross.T).T)
+        del cross, factor
+    fit_outputs = [writer(z) for z in z_fit]
+    del z_fit
+
+    if block.output_norm:  # (3) per dim: a_k = (sum b_k t_k + lam a0_k) / (sum b_k^2 + lam)
+        dense_norm = dense_layer.get_submodule(block.output_norm)
+        fit_norm_out = fit.get_submodule(block.output_norm)
+        outputs = [dense_norm(y) for y in outputs]
+        if "norms" in parts:
+            energy = torch.zeros(len(keep), dtype=torch.float64, device=device)
+            product = torch.zeros(len(keep), dtype=torch.float64, device=device)
+            for b in batches:
+                target = c * rows(b, outputs[b])[:, keep]
+                x = _normalised(fit_norm_out, rows(b, fit_outputs[b]))
+                energy += x.square().sum(0)
+                product += (x * target).sum(0)
+            a0 = offset + fit_norm_out.weight.to(torch.float64)
+            lam = alpha * energy.mean()
+            fit_norm_out.weight.copy_((product + lam * a0) / (energy + lam) - offset)
+        fit_outputs = [fit_norm_out(y) for y in fit_outputs]
+
+    for b in batches:  # (4) both streams past the sub-block
+        dense.hidden[b] = (dense.hidden[b].to(device) + outputs[b]).to(dense.storage)
+        pruned.hidden[b] = (pruned.hidden[b].to(device) + fit_outputs[b]).to(pruned.storage)
+
+
+def _writer_input(layer: nn.Module, block: SubBlock, normed: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The input the sub-block's writer receives (the module stops there)."""
+    seen = []
+
+    def stop(z: torch.Tensor) -> None:
+        seen.append(z)
+        raise StopForward
+
+    run_module(layer, block, normed, kwargs, stop)
+    return seen[0]
+
+
+def _damp(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """lam = alpha x the mean diagonal, added to the diagonal in place (a writer's Gram matrix is
+    m x m float64: 0.7 GB at m = 9216, 6.6 GB at 28672; no copy and no identity matrix is made)."""
     lam = alpha * gram.diagonal().mean()
     gram.diagonal().add_(lam)
-    return gram, lam
+    return lam
 
 
-@torch.no_grad()
-def _refit_readers(dense_layer: nn.Module, pruned_layer: nn.Module, names: tuple[str, ...], n: torch.Tensor,
-                   n_pruned: torch.Tensor, alpha: float) -> None:
-    """Solve for the pruned readers `names` given dense inputs n (T x d) and pruned inputs (T x K), both
-    float64: a Gram matrix summed over ~10^4 tokens is too ill-conditioned for float32, let alone the
-    bfloat16 a GPU computes in."""
-    n_pruned = n_pruned.to(n.device)
-    system, lam = _ridge(n_pruned.T @ n_pruned, alpha)  # K x K
-    cross = n.T @ n_pruned  # d x K
-    for name in names:
-        weight = dense_layer.get_submodule(name).weight.to(cross.device, torch.float64)
-        target = pruned_layer.get_submodule(name).weight
-        # out x K; target holds W_K (the plain sliced weight)
-        rhs = weight @ cross + lam * target.to(cross.device, torch.float64)
-        solved = torch.linalg.solve(system, rhs.T).T  # system is symmetric
-        target.copy_(solved.to(target.device, target.dtype))
+def _cholesky(system: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factor of a damped (symmetric positive definite) Gram matrix, written over it."""
+    try:
+        return torch.linalg.cholesky(system, out=system)
+    except torch.linalg.LinAlgError as exc:
+        raise DietError("recovery's least-squares system is singular (no calibration tokens, or "
+                        "--recover-alpha 0 with too few); use a positive --recover-alpha") from exc
 
 
-@torch.no_grad()
-def _refit_writer(writer: nn.Linear, z: torch.Tensor, z_pruned: torch.Tensor, alpha: float) -> None:
-    """Refit the pruned writer's rows W' (K x m) so W' z' ~ W'_0 z: its output on the dense input, given
-    the pruned input (W'_0 = c W_K is the plain slice of the dense writer, see the module doc)."""
-    z_pruned = z_pruned.to(z.device)
-    system, lam = _ridge(z_pruned.T @ z_pruned, alpha)  # m x m
-    cross = z.T @ z_pruned
-    cross.diagonal().add_(lam)
-    rhs = (writer.weight.to(z.device, torch.float64) @ cross).T
-    del cross  # one m x m matrix fewer while solving
-    solved = torch.linalg.solve(system, rhs).T
-    writer.weight.copy_(solved.to(writer.weight.device, writer.weight.dtype))
+def _solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """X with (L L^T) X = rhs."""
+    return torch.cholesky_solve(rhs, factor)
+
+
+def _head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torch.Tensor, alpha: float):
+    """What refitting the final norm's gains through the LM head E needs, taken before the head is
+    sliced: B^T B and N^T B over calibration tokens (N the dense final norm's output, B the pruned final
+    stream normalised without gain) and G = E^T E (d x d float64, from the head's rows in chunks). The
+    sliced head is E' = s E[:, kept], so E'^T E' = s^2 G[kept, kept] and E'^T E = s G[kept, :]. Returns
+    refit(sliced gain, norm offset, s) -> the refit gain."""
+    with weights.onloaded(weights.adapter.final_norm) as norm:
+        device = weights.device_of(norm)
+        keep = keep.to(device)
+        d, k = weights.model.config.hidden_size, len(keep)
+        btb = torch.zeros(k, k, dtype=torch.float64, device=device)
+        ntb = torch.zeros(d, k, dtype=torch.float64, device=device)
+        for b in range(len(dense)):
+            n = dense.real(b, norm(dense.hidden[b].to(device))).double()
+            x = _normalised(norm, dense.real(b, pruned.hidden[b].to(device)).double())
+            btb.addmm_(x.T, x)
+            ntb.addmm_(n.T, x)
+    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for rows in weights.rows(f"{weights.head}.weight", HEAD_ROWS):
+        rows = rows.to(device, torch.float64)
+        gram.addmm_(rows.T, rows)
+
+    def refit(weight: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
+        system = scale ** 2 * gram[keep][:, keep] * btb
+        rhs = ((scale * gram[keep]) * ntb.T).sum(1)
+        a0 = offset + weight.to(device, torch.float64)
+        lam = alpha * system.diagonal()
+        system.diagonal().add_(lam)  # SPD: a Hadamard product of two Gram matrices (Schur), damped
+        a = _solve(_cholesky(system), (rhs + lam * a0)[:, None])[:, 0]
+        return (a - offset).to(weight.device, weight.dtype)
+
+    return refit
 
 
 def _normalised(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An RMSNorm's input normalised without its gain: x / sqrt(mean(x^2) + eps)."""
     eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-
-
-@torch.no_grad()
-def _refit_gain(norm: nn.Module, offset: float, target: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """Per dim k: the gain a_k (offset + w_k) that best maps b_k to target_k, ridge towards its value."""
-    b = b.to(target.device)
-    a0 = offset + norm.weight.to(target.device, torch.float64)
-    energy = b.square().sum(0)
-    lam = alpha * energy.mean()
-    a = ((b * target).sum(0) + lam * a0) / (energy + lam)
-    norm.weight.copy_((a - offset).to(norm.weight.device, norm.weight.dtype))
-
-
-class _HeadTarget:
-    """What the head refit needs from the dense model, taken before the slice may overwrite it: the
-    final norm, and the Gram matrix G = E^T E of the LM head E (d x d, float64). The sliced head is
-    E' = s E[:, kept], so E'^T E' = s^2 G[kept, kept] and E'^T E = s G[kept, :]."""
-
-    def __init__(self, dense: PreTrainedModel, keep: torch.Tensor) -> None:
-        adapter = adapter_for(dense.config)
-        self.norm = copy.deepcopy(dense.get_submodule(adapter.final_norm))
-        self.offset, self.final_norm = adapter.norm_offset, adapter.final_norm
-        self.keep, self.scale = keep, head_scale(dense, len(keep))
-        head = dense.get_output_embeddings()
-        with onloaded(head):
-            weight = head.weight
-            device = weight.device
-            self.gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=device)
-            for start in range(0, weight.shape[0], 1 << 15):  # vocabulary chunks: bounded float64 copies
-                rows = weight[start:start + (1 << 15)].to(torch.float64)
-                self.gram += rows.T @ rows
-
-    @torch.no_grad()
-    def refit(self, pruned: nn.Module, dense_hidden, pruned_hidden, masks, alpha: float) -> None:
-        """Refit the pruned final norm's gains so its logits match the dense model's (see the module doc)."""
-        norm = pruned.get_submodule(self.final_norm)
-
-        def rows(hidden: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat([h[m.to(h.device).bool()] for h, m in zip(hidden, masks, strict=True)])
-
-        device = execution_device(norm)
-        n = self.norm(rows(dense_hidden).to(execution_device(self.norm))).to(device, torch.float64)
-        b = _normalised(norm, rows(pruned_hidden).to(device, torch.float64))
-        keep, gram = self.keep.to(self.gram.device), self.gram
-        system = (self.scale ** 2 * gram[keep][:, keep]).to(device) * (b.T @ b)
-        rhs = ((self.scale * gram[keep]).to(device) * (n.T @ b).T).sum(1)
-        a0 = self.offset + norm.weight.to(device, torch.float64)
-        lam = alpha * system.diagonal()
-        a = torch.linalg.solve(system + torch.diag(lam), rhs + lam * a0)
-        norm.weight.copy_((a - self.offset).to(norm.weight.device, norm.weight.dtype))

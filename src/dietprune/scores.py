@@ -1,5 +1,5 @@
 """Per-corpus activation statistics on disk: score files (safetensors + JSON provenance) and the profile
-cache that lets an interrupted run resume with the corpora it had finished.
+cache, keyed by a fingerprint of the model, so a later run reuses the corpora it has seen.
 
 A score file holds, for every task, the token-weighted sums behind the scores, so both aggregations and
 any later merge can be computed from it; the metadata records model, settings and calibration ids.
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import weakref
 from pathlib import Path
 
 import torch
@@ -16,12 +18,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dietprune.calibration import Corpus, is_main_process
-from dietprune.device import cpu_tensors
 from dietprune.errors import DietError
 from dietprune.io import IfExists, atomic_file, cache_root
-from dietprune.profile import ActivationStats, profile
+from dietprune.models.store import Checkpoint
+from dietprune.profile import ActivationStats
 from dietprune.settings import CalibrationSettings
 from dietprune.version import __version__
+
+log = logging.getLogger(__name__)
 
 FORMAT = "dietprune.scores/1"
 
@@ -40,6 +44,9 @@ def save_scores(path: Path, stats: dict[str, ActivationStats], meta: dict,
 
 def load_scores(path: Path) -> tuple[dict[str, ActivationStats], dict]:
     """Read a score file; a missing, truncated or foreign file is a one-line DietError."""
+    if path.is_dir():
+        raise DietError(f"{path} is a directory, not a score file; give the .safetensors file diet profile "
+                        "wrote")
     if not path.is_file():
         raise DietError(f"score file not found: {path}")
     try:
@@ -59,39 +66,83 @@ def load_scores(path: Path) -> tuple[dict[str, ActivationStats], dict]:
     return stats, meta
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short sha256 of the config and of every tensor's name and bytes (~1 s per GB; offloaded
-    modules are read one at a time)."""
+def model_fingerprint(model: torch.nn.Module, checkpoint: Checkpoint | None = None) -> str:
+    """A short hash that changes when the weights do, for the profile cache. A model streamed from its
+    checkpoint: the config and the files' names, sizes, times and headers (nothing read). A model in
+    memory: the config and every tensor's name, shape and bytes (hashed in place, ~1 s per GB), or on an
+    accelerator three float64 moments (sum, sum of squares, index-weighted sum) computed where the tensor
+    lies: no weight is copied to the host or moved, and tied tensors stay tied. Memoised per model while
+    its parameters are unchanged (their version counters), so a sweep fingerprints its model once."""
+    versions = _versions(model)
+    memo = _FINGERPRINTS.get(model)
+    if memo is not None and versions is not None and memo[0] == versions:
+        return memo[1]
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in cpu_tensors(model):
-        digest.update(name.encode())
-        digest.update(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
-    return digest.hexdigest()[:16]
+    if checkpoint is not None:
+        digest.update(checkpoint.fingerprint().encode())
+    else:
+        for name, tensor in model.state_dict().items():
+            if tensor.device.type == "meta":
+                continue
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            if tensor.device.type == "cpu":
+                digest.update(memoryview(tensor.detach().contiguous().view(torch.uint8).numpy()))
+            else:
+                digest.update(_moments(tensor).cpu().numpy().tobytes())
+    fingerprint = digest.hexdigest()[:16]
+    _FINGERPRINTS[model] = (versions, fingerprint)
+    return fingerprint
 
 
-def profile_corpora(model, tokenizer, fingerprint: str, corpora: list[Corpus], settings: CalibrationSettings,
-                    use_cache: bool = True) -> dict[str, ActivationStats]:
-    """Activation stats per corpus; each finished corpus is cached under its key and reused."""
-    stats = {}
-    for corpus in corpora:
-        key = _cache_key(fingerprint, corpus, settings)
-        cached = cache_root() / "scores" / f"{key}.safetensors"
-        if use_cache and cached.is_file():
-            stats[corpus.name] = load_scores(cached)[0][corpus.name]
-            continue
-        stats[corpus.name] = profile(model, tokenizer, corpus.texts, settings.site, settings.batch_size,
-                                     settings.max_length, desc=f"profile {corpus.name}")
-        if is_main_process():
-            save_scores(cached, {corpus.name: stats[corpus.name]}, {"tasks": [corpus.name], "key": key})
-    return stats
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _cache_key(fingerprint: str, corpus: Corpus, settings: CalibrationSettings) -> str:
-    """The model, the corpus's texts themselves (a user's file may change under the same ids), and the
-    settings that change the statistics."""
+def _versions(model: torch.nn.Module) -> tuple[int, ...] | None:
+    """The parameters' version counters (bumped by every in-place change), or None where a tensor made
+    under inference mode has none."""
+    try:
+        return tuple(p._version for p in model.parameters())
+    except RuntimeError:
+        return None
+MOMENT_CHUNK = 1 << 22  # elements per float64 chunk
+
+
+@torch.no_grad()
+def _moments(tensor: torch.Tensor) -> torch.Tensor:
+    """(sum, sum of squares, index-weighted sum) of a tensor's values in float64, chunk by chunk."""
+    flat = tensor.detach().reshape(-1)
+    out = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    for start in range(0, len(flat), MOMENT_CHUNK):
+        chunk = flat[start:start + MOMENT_CHUNK].double()
+        index = torch.arange(start, start + len(chunk), dtype=torch.float64, device=flat.device)
+        out += torch.stack([chunk.sum(), chunk.square().sum(), (chunk * index).sum() / max(len(flat), 1)])
+    return out
+
+
+def cache_path(fingerprint: str, corpus: Corpus, settings: CalibrationSettings) -> Path:
+    """Where a corpus's statistics are cached: keyed by the model, the corpus's texts themselves (a
+    user's file may change under the same ids), and the settings that change the statistics."""
     texts = hashlib.sha256("\0".join(corpus.texts).encode()).hexdigest()
     parts = [fingerprint, corpus.name, ",".join(corpus.ids), texts, settings.site, str(settings.max_length),
              __version__]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    return cache_root() / "scores" / f"{key}.safetensors"
+
+
+def cached_stats(path: Path, name: str) -> ActivationStats | None:
+    """A corpus's cached statistics; a damaged cache entry is deleted with a warning (it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_scores(path)[0][name]
+    except (DietError, KeyError) as exc:
+        log.warning("rebuilding a damaged cache entry %s (%s)", path.name, str(exc).splitlines()[0][:100])
+        path.unlink(missing_ok=True)
+        return None
+
+
+def store_stats(path: Path, name: str, stats: ActivationStats) -> None:
+    if is_main_process():
+        save_scores(path, {name: stats}, {"tasks": [name], "key": path.stem})

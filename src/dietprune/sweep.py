@@ -8,14 +8,15 @@ as its own JSON file; a re-run skips finished cells, so an interrupted sweep res
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from dietprune.api import Loaded, evaluate, load, prune, settings_for
-from dietprune.device import compute_dtype, resolve_device
 from dietprune.errors import DietError, NotApplicable
 from dietprune.evaluate import dtype_name
 from dietprune.io import ensure_dir, read_json, write_atomic, write_json_atomic
-from dietprune.methods import VARIANTS, check_name
+from dietprune.methods import VARIANTS, check_name, get_method
+from dietprune.plan import compute_dtype, resolve_device, resolve_recover, resolve_site
 from dietprune.report import cell_name, plot, tables
 from dietprune.settings import (
     CalibrationSettings,
@@ -33,7 +34,8 @@ def variant_settings(variant: str, base: PruneSettings, calibration: Calibration
                                                                          "recover": recover}
     prune_settings, calibrated = settings_for(overrides, PruneSettings, CalibrationSettings,
                                               given=(base, calibration), command="sweep")
-    return prune_settings, calibrated.for_recovery(prune_settings.recover)
+    recover = resolve_recover(get_method(prune_settings.method), prune_settings.recover)
+    return prune_settings, replace(calibrated, site=resolve_site(calibrated.site, recover))
 
 
 def sweep(model: str | None, out: Path, axes: SweepSettings, base: PruneSettings,

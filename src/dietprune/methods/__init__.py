@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 
 from dietprune.errors import DietError
-from dietprune.methods.base import Context, Method
+from dietprune.methods.base import Method
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -37,4 +37,4 @@ def check_name(registry: str, name: str, flag: str) -> str:
     return name
 
 
-__all__ = ["METHODS", "REGISTRIES", "VARIANTS", "Context", "Method", "check_name", "get_method"]
+__all__ = ["METHODS", "REGISTRIES", "VARIANTS", "Method", "check_name", "get_method"]

@@ -1,11 +1,14 @@
-"""What a pruning method declares, and what the hidden-dim methods are given to score with.
+"""What a pruning method declares. A method never runs its own forward loop: it says what it observes,
+and the sequential engine (sequential.py) feeds it in one pass over the blocks.
 
-A method is one of two kinds:
-  hidden      scores the hidden dims, one score vector per source (a task, a corpus, or the method
-              itself); `merge` turns them into exactly K kept dims and the same slicing (and optional
-              recovery) path gives a checkpoint of the same size for every such method;
-  structural  chooses its own structure (layers, heads and channels, rotated dims) on the tasks'
-              calibration texts, at the parameter count the hidden-dim slice would have.
+  hidden      scores the hidden dims, one score vector per source (a task, generic text, or the method
+              itself), from what it `needs`: "tasks" (each task's activation statistics), "generic" (the
+              same on generic text), "magnitude" (each dim's share of the weights' norms). `merge`
+              turns the scores into exactly K kept dims, and one slicing (and optional recovery) path
+              gives a checkpoint of the same size for every such method;
+  structural  chooses its own structure (layers, heads and channels, rotated dims) at the parameter
+              count the hidden-dim slice would have: an `observer` taps the calibration pass, then
+              `edit` turns what it saw into the pruned model's config and tensors (assemble.py).
 Each method also names its sweep variants: settings overrides (option names as in a config file) that
 `diet sweep --methods` accepts beside the method's own name.
 """
@@ -14,76 +17,69 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 
+import torch
 from transformers import PreTrainedModel
 
-from dietprune.calibration import Corpus, generic_corpus, task_corpora
+from dietprune.assemble import Edit, applied
+from dietprune.calibration import Batching, token_batches
 from dietprune.errors import DietError
 from dietprune.profile import ActivationStats
-from dietprune.scores import model_fingerprint, profile_corpora
-from dietprune.settings import CalibrationSettings, PruneSettings
+from dietprune.sequential import Observer, Weights, capture, observe
+from dietprune.settings import PruneSettings
+
+NEEDS = ("tasks", "generic", "magnitude")
 
 
 @dataclass
-class Context:
-    """A loaded model with its calibration settings; profiles corpora (cached on disk) and records
-    every calibration sample a method used, so evaluation can exclude them."""
+class Seen:
+    """What a hidden-dim method scores with: the model's width, per task the activation statistics of
+    its calibration samples, the same on generic text, and each dim's share of the weights' norms."""
 
-    model: PreTrainedModel
-    tokenizer: object
-    settings: CalibrationSettings
-    used: dict[str, dict] = field(default_factory=dict)  # corpus name -> {"ids": [...], "tokens": n}
-
-    @cached_property
-    def fingerprint(self) -> str:
-        return model_fingerprint(self.model)
-
-    def profile(self, corpora: list[Corpus]) -> dict[str, ActivationStats]:
-        stats = profile_corpora(self.model, self.tokenizer, self.fingerprint, corpora, self.settings)
-        for corpus in corpora:
-            self.used[corpus.name] = {"ids": list(corpus.ids), "tokens": stats[corpus.name].tokens} | (
-                {"source": corpus.source} if corpus.source else {})
-        return stats
-
-    def task_stats(self) -> dict[str, ActivationStats]:
-        """Per task, the activation stats of its calibration samples."""
-        return self.profile(task_corpora(self.settings))
-
-    def generic_stats(self) -> ActivationStats:
-        """Stats on generic text: as many LAMBADA passages as all tasks' calibration samples together."""
-        corpus = generic_corpus(self.settings.samples * len(self.settings.tasks))
-        return self.profile([corpus])[corpus.name]
-
-    def task_texts(self) -> list[str]:
-        """Every task's calibration texts, task after task (recorded as used)."""
-        texts = []
-        for corpus in task_corpora(self.settings):
-            self.used[corpus.name] = {"ids": list(corpus.ids)} | ({"source": corpus.source} if corpus.source
-                                                                   else {})
-            texts += corpus.texts
-        return texts
+    width: int
+    tasks: dict[str, ActivationStats] = field(default_factory=dict)
+    generic: ActivationStats | None = None
+    magnitude: torch.Tensor | None = None
 
 
-Scorer = Callable[[Context, PruneSettings], dict[str, ActivationStats]]
-Builder = Callable[..., tuple[PreTrainedModel, dict]]  # (model, tokenizer, texts, target_params, ...)
+Scorer = Callable[[Seen, PruneSettings], dict[str, ActivationStats]]
+Editor = Callable[[PreTrainedModel, Observer, int, bool], tuple[Edit, dict]]
 
 
 @dataclass(frozen=True)
 class Method:
-    """One pruning method: `scores` for a hidden-dim method, `build` for a structural one. `consumes`:
-    `build` changes the model it is given (it is given a copy unless pruning may reuse the memory)."""
+    """One pruning method: `needs` and `scores` for a hidden-dim method; for a structural one,
+    `observer(model, target params)` (which refuses a target it cannot meet before any work) and
+    `edit(model, observer, target params, in place)`."""
 
     name: str
     summary: str
+    needs: frozenset[str] = frozenset()
     scores: Scorer | None = None
-    build: Builder | None = None
-    consumes: bool = False
+    observer: Callable[[PreTrainedModel, int], Observer] | None = None
+    edit: Editor | None = None
     variants: dict[str, dict] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
         return "hidden" if self.scores is not None else "structural"
+
+
+def observed(observer: Observer, weights: Weights, tokenizer, texts: list[str], batching: Batching,
+             desc: str) -> tuple[Observer, int]:
+    """`observer` after one pass of `texts` through the model, and the number of real tokens."""
+    stream = capture(weights, token_batches(tokenizer, texts, batching))
+    observe(weights, stream, [observer], desc)
+    return observer, require_tokens(stream.tokens())
+
+
+def prune_structure(method: Method, model: PreTrainedModel, tokenizer, texts: list[str], target: int,
+                    batching: Batching, in_place: bool = False) -> tuple[PreTrainedModel, dict]:
+    """A structural method applied to a model in memory: (the pruned model, its record)."""
+    weights = Weights.of(model)
+    observer, _ = observed(method.observer(model, target), weights, tokenizer, texts, batching, method.name)
+    edit, record = method.edit(model, observer, target, in_place)
+    return applied(model, edit, method.name), record
 
 
 def nearest_units(excess: int, unit: int) -> int:

@@ -4,17 +4,18 @@ mask by --merge (majority vote by default).
 Its sweep variants are the ablations that decide what matters: the merge, the aggregation, the
 activation site, one task alone, and the calibration size."""
 
-from dietprune.methods.base import Context, Method
+from dietprune.methods.base import Method, Seen
 from dietprune.settings import DEFAULT_TASKS, PruneSettings
 
 
-def scores(context: Context, settings: PruneSettings):
-    return context.task_stats()
+def scores(seen: Seen, settings: PruneSettings):
+    return seen.tasks
 
 
 METHOD = Method(
     name="diet",
     summary="per-task activation scores on the tasks' calibration samples, merged by --merge",
+    needs=frozenset({"tasks"}),
     scores=scores,
     variants={
         "mean": {"merge": "mean"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dietprune.methods.base import Context, Method
+from dietprune.methods.base import Method, Seen
 from dietprune.profile import ActivationStats
 from dietprune.settings import PruneSettings
 
@@ -14,9 +14,8 @@ def random_scores(hidden_size: int, seed: int) -> torch.Tensor:
     return torch.rand(hidden_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def scores(context: Context, settings: PruneSettings):
-    return {"random": ActivationStats.fixed(random_scores(context.model.config.hidden_size,
-                                                          settings.random_seed))}
+def scores(seen: Seen, settings: PruneSettings):
+    return {"random": ActivationStats.fixed(random_scores(seen.width, settings.random_seed))}
 
 
 METHOD = Method(name="random", summary="a seeded random ranking", scores=scores,

@@ -1,70 +1,63 @@
 """shortgpt: whole decoder layers, lowest Block Influence first (ShortGPT, Men et al. 2024).
 
-The pruned model is built from an edited config and the cut state dict, loaded strictly: layers are
-numbered 0..n-1 and every layer keeps its shapes, so stock transformers loads the saved checkpoint.
-Tensors that are not cut are shared with the input model. The layer count is the one whose parameter
-count is nearest the target, so it misses by at most half a layer."""
+The pruned model's config has fewer layers, numbered 0..n-1, each keeping its shapes, so stock
+transformers loads the saved checkpoint; tensors that are not cut are passed on unchanged. The layer
+count is the one whose parameter count is nearest the target, so it misses by at most half a layer."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from torch import nn
 
-from dietprune.calibration import ForwardPass, token_batches
+from dietprune.assemble import Edit
 from dietprune.errors import NotApplicable
-from dietprune.methods.base import Method, nearest_units, require_tokens
+from dietprune.methods.base import Method, nearest_units
 from dietprune.models.adapters import adapter_for
-from dietprune.models.edit import count_params, edited_config, rebuild
+from dietprune.models.edit import count_params, edited_config
+from dietprune.sequential import Observer
 
 
-def block_influence(model: PreTrainedModel, tokenizer, texts: list[str], batch_size: int = 8,
-                    max_length: int = 1024) -> torch.Tensor:
-    """(layers,) float64: 1 - mean cos(h_in, h_out) of each decoder layer over non-padding tokens."""
-    layers = model.get_submodule(adapter_for(model.config).layers)
-    cos_sum = torch.zeros(len(layers), dtype=torch.float64)
-    inputs: dict[int, torch.Tensor] = {}
-    run = ForwardPass(model)
-    for i, layer in enumerate(layers):
-        run.on_input(layer, lambda x, i=i: inputs.__setitem__(i, x))
+class BlockInfluence(Observer):
+    """Per decoder layer, the sum over real tokens of cos(h_in, h_out); `result`: 1 - its mean. How many
+    layers go is decided first: the number whose parameter count is nearest to the target (ties: fewer
+    removed)."""
 
-        def after(out: torch.Tensor, i: int = i) -> None:
-            cos_sum[i] += F.cosine_similarity(inputs.pop(i).float(), out.float(), dim=-1).sum().double().cpu()
-        run.on_output(layer, after)
-    tokens = require_tokens(run.run(token_batches(tokenizer, texts, batch_size, max_length),
-                                    "block influence"))
-    return 1 - cos_sum / tokens
+    sites = frozenset({"block_input", "block_output"})
+
+    def __init__(self, model: nn.Module, target_params: int):
+        layers = model.get_submodule(adapter_for(model.config).layers)
+        self.total, self.per_layer = count_params(model), count_params(layers[0])
+        self.removing = nearest_units(self.total - target_params, self.per_layer)
+        if self.removing >= len(layers):
+            raise NotApplicable(f"target {target_params} parameters needs removing {self.removing} of "
+                                f"{len(layers)} layers; at least one layer must stay")
+        self.cos_sum: list[torch.Tensor] = [torch.zeros((), dtype=torch.float64) for _ in layers]
+        self.tokens = 0
+        self._input: torch.Tensor | None = None
+
+    def observe(self, index: int, site: str, sub: int | None, x: torch.Tensor, group: int) -> None:
+        if site == "block_input":
+            self._input = x
+            return
+        cos = F.cosine_similarity(self._input.float(), x.float(), dim=-1).sum().double()
+        self.cos_sum[index] = self.cos_sum[index].to(cos.device) + cos  # stays on the device: no sync
+        self.tokens += len(x) if index == 0 else 0
+
+    def result(self) -> torch.Tensor:
+        return 1 - torch.stack([c.cpu() for c in self.cos_sum]) / self.tokens
 
 
-def shortgpt(model, tokenizer, texts: list[str], target_params: int, batch_size: int = 8,
-             max_length: int = 1024) -> tuple[PreTrainedModel, dict]:
-    """Drop the decoder layers with the lowest Block Influence. The number removed is the one whose
-    parameter count is nearest to `target_params` (ties: fewer removed); among equal influences the
-    lower layer index goes first."""
-    adapter = adapter_for(model.config)
-    layers = model.get_submodule(adapter.layers)
-    total, per_layer = count_params(model), count_params(layers[0])
-    n = nearest_units(total - target_params, per_layer)
-    if n >= len(layers):
-        raise NotApplicable(f"target {target_params} parameters needs removing {n} of {len(layers)} layers; "
-                        "at least one layer must stay")
-    influence = block_influence(model, tokenizer, texts, batch_size, max_length)
-    removed = sorted(torch.argsort(influence, stable=True)[:n].tolist())
-    kept = [i for i in range(len(layers)) if i not in removed]
-
-    new_index = {old: new for new, old in enumerate(kept)}
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if key.startswith(adapter.layers + "."):
-            index, _, rest = key[len(adapter.layers) + 1:].partition(".")
-            if int(index) not in new_index:
-                continue
-            key = f"{adapter.layers}.{new_index[int(index)]}.{rest}"
-        state[key] = tensor
+def edit(model: nn.Module, observer: BlockInfluence, target_params: int, in_place: bool) -> tuple[Edit, dict]:
+    """Drop the decoder layers with the lowest Block Influence (among equal influences the lower layer
+    index goes first)."""
+    influence = observer.result()
+    removed = sorted(torch.argsort(influence, stable=True)[:observer.removing].tolist())
+    kept = [i for i in range(len(influence)) if i not in removed]
     changes: dict = {"num_hidden_layers": len(kept)}
     if getattr(model.config, "layer_types", None) is not None:
         changes["layer_types"] = [model.config.layer_types[i] for i in kept]
-    pruned = rebuild(edited_config(model.config, changes), state, next(model.parameters()).dtype)
+    config = edited_config(model.config, changes)
     record = {
         "method": "shortgpt",
         "rule": "remove the layers with the lowest block influence 1 - mean cos(h_in, h_out) over "
@@ -72,12 +65,12 @@ def shortgpt(model, tokenizer, texts: list[str], target_params: int, batch_size:
         "block_influence": influence.tolist(),
         "removed_layers": removed,
         "kept_layers": kept,
-        "layer_params": per_layer,
+        "layer_params": observer.per_layer,
         "target_params": target_params,
-        "params_before": total,
-        "params_after": count_params(pruned),
+        "params_before": observer.total,
     }
-    return pruned, record
+    return Edit(config, lambda i, state: None if i in removed else state, lambda name, tensor: tensor), record
 
 
-METHOD = Method(name="shortgpt", summary="whole decoder layers by Block Influence", build=shortgpt)
+METHOD = Method(name="shortgpt", summary="whole decoder layers by Block Influence", observer=BlockInfluence,
+                edit=edit)

@@ -20,35 +20,34 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from dietprune.calibration import ForwardPass, token_batches
+from dietprune.assemble import Edit
 from dietprune.errors import NotApplicable
 from dietprune.merge import kept_width_step
-from dietprune.methods.base import Method, require_tokens
+from dietprune.methods.base import Method
 from dietprune.models.adapters import adapter_for
-from dietprune.models.edit import count_params
-from dietprune.slice import CHUNK_BYTES, slice_model, sliced_param_count
+from dietprune.models.edit import edited_config
+from dietprune.sequential import Observer
+from dietprune.slice import CHUNK_BYTES, slice_edit, sliced_param_count
 
 
-def residual_covariance(model: PreTrainedModel, tokenizer, texts: list[str], batch_size: int = 8,
-                        max_length: int = 1024) -> torch.Tensor:
-    """(d, d) float64 on the model's device: sum over non-padding tokens and over every layer's input
-    and the final norm's input of x^T x. Accumulated in float64: the eigenvectors of a sum of ~10^5
-    rank-one terms whose eigenvalues span many orders need its digits (SliceGPT found fp64 matters)."""
-    adapter = adapter_for(model.config)
-    d = model.config.hidden_size
-    total = torch.zeros(d, d, dtype=torch.float64, device=model.get_input_embeddings().weight.device)
+class Covariance(Observer):
+    """(d, d) float64: sum over real tokens and over every layer's input and the final norm's input of
+    x^T x. Accumulated in float64: the eigenvectors of a sum of ~10^5 rank-one terms whose eigenvalues
+    span many orders need its digits (SliceGPT found fp64 matters)."""
 
-    def accumulate(x: torch.Tensor) -> None:
-        x = x.to(total.device, torch.float64)
-        total.addmm_(x.T, x)
+    sites = frozenset({"block_input"})
 
-    run = ForwardPass(model)
-    for site in [*model.get_submodule(adapter.layers), model.get_submodule(adapter.final_norm)]:
-        run.on_input(site, accumulate)
-    require_tokens(run.run(token_batches(tokenizer, texts, batch_size, max_length), "covariance"))
-    return total
+    def __init__(self, model: nn.Module, target_params: int):
+        check_rotatable(model.config)
+        self.total: torch.Tensor | None = None
+        self.width = model.config.hidden_size
+
+    def observe(self, index: int, site: str, sub: int | None, x: torch.Tensor, group: int) -> None:
+        if self.total is None:
+            self.total = torch.zeros(self.width, self.width, dtype=torch.float64, device=x.device)
+        x = x.to(self.total.device, torch.float64)
+        self.total.addmm_(x.T, x)
 
 
 def check_rotatable(config) -> None:
@@ -57,75 +56,87 @@ def check_rotatable(config) -> None:
     adapter.require("slicegpt", "norm_with_bias")
     if adapter.output_norms:
         raise NotApplicable(f"slicegpt needs pre-norm blocks; {adapter.name}'s post-norms "
-                        f"({', '.join(adapter.output_norms)}) do not commute with a rotation")
+                            f"({', '.join(adapter.output_norms)}) do not commute with a rotation")
 
 
-@torch.no_grad()
-def rotate(model: PreTrainedModel, q: torch.Tensor) -> None:
-    """In place: fold the residual norms' gains into their readers and rotate the residual basis by the
-    orthogonal (d, d) matrix `q`; the model computes the same function. Unties a tied head."""
+def rotation(model: nn.Module, q: torch.Tensor, in_place: bool = False) -> Edit:
+    """Fold the residual norms' gains into their readers and rotate the residual basis by the orthogonal
+    (d, d) matrix `q`: the same function, with an untied head (the final norm's gain folds into the head
+    but not into the embedding). `in_place` rotates each block's matrices in their own memory; the
+    tensors outside the blocks are always new (a tied head still reads the embedding). The final norm
+    comes before the head among the tensors outside the blocks (assemble.rest_tensors' order)."""
     check_rotatable(model.config)
     adapter = adapter_for(model.config)
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head.weight is embedding.weight:
-        head.weight = nn.Parameter(embedding.weight.clone())
-        model.config.tie_word_embeddings = False
-        model.config.get_text_config().tie_word_embeddings = False
-    q = q.to(embedding.weight.device, torch.float64)
+    q = q.to(torch.float64)
+    names = {module: name for name, module in model.named_modules()}
+    embedding, head = names[model.get_input_embeddings()], names[model.get_output_embeddings()]
+    offset = adapter.norm_offset
+    final_gain: list[torch.Tensor] = []
 
-    def fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
-        gain = adapter.norm_offset + norm.weight.double()
-        for reader in readers:
-            _rotate_rows(reader.weight, q, gain)
-        norm.weight.fill_(1 - adapter.norm_offset)
+    def block(index: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = dict(state)
+        for sub in adapter.sub_blocks:
+            gain = offset + state[f"{sub.norm}.weight"].double()
+            for reader in sub.readers:
+                state[f"{reader}.weight"] = _rotate_rows(state[f"{reader}.weight"], q, gain, in_place)
+            state[f"{sub.norm}.weight"] = torch.full_like(state[f"{sub.norm}.weight"], 1 - offset)
+            state[f"{sub.writer}.weight"] = _rotate_rows(state[f"{sub.writer}.weight"].T, q, None, in_place).T
+            if f"{sub.writer}.bias" in state:
+                state[f"{sub.writer}.bias"] = _rotate_rows(state[f"{sub.writer}.bias"][None], q, None,
+                                                           in_place)[0]
+        return state
 
-    for layer in model.get_submodule(adapter.layers):
-        for block in adapter.sub_blocks:
-            fold(layer.get_submodule(block.norm), [layer.get_submodule(name) for name in block.readers])
-            writer = layer.get_submodule(block.writer)
-            _rotate_rows(writer.weight.T, q)
-            if writer.bias is not None:
-                _rotate_rows(writer.bias[None], q)
-    fold(model.get_submodule(adapter.final_norm), [head])
-    _rotate_rows(embedding.weight, q)
+    def rest(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name == f"{embedding}.weight":
+            return _rotate_rows(tensor, q)
+        if name == f"{adapter.final_norm}.weight":
+            final_gain.append(offset + tensor.double())
+            return torch.full_like(tensor, 1 - offset)
+        if name == f"{head}.weight":
+            return _rotate_rows(tensor, q, final_gain[0])
+        return tensor
+
+    return Edit(edited_config(model.config, {"tie_word_embeddings": False}), block, rest)
 
 
-def _rotate_rows(matrix: torch.Tensor, q: torch.Tensor, gain: torch.Tensor | None = None) -> None:
-    """matrix <- (matrix * gain) @ q in place, a block of rows at a time in float64 (bounded memory:
-    the embedding of a 256k vocabulary would otherwise need a full float64 copy)."""
+def _rotate_rows(matrix: torch.Tensor, q: torch.Tensor, gain: torch.Tensor | None = None,
+                 in_place: bool = False) -> torch.Tensor:
+    """(matrix * gain) @ q, a block of rows at a time in float64 (bounded memory: the embedding of a 256k
+    vocabulary would otherwise need a full float64 copy); written over `matrix` when `in_place`."""
+    out = matrix if in_place else torch.empty_like(matrix)
     step = max(1, CHUNK_BYTES // (8 * matrix.shape[1]))
+    q = q.to(matrix.device)
     for start in range(0, matrix.shape[0], step):
-        block = matrix[start:start + step].to(q.device, torch.float64)
-        rotated = (block if gain is None else block * gain.to(q.device)) @ q
-        matrix[start:start + step] = rotated.to(matrix.device)
+        block = matrix[start:start + step].to(torch.float64)
+        rotated = (block if gain is None else block * gain.to(block.device)) @ q
+        out[start:start + step] = rotated.to(out.dtype)
+    return out
 
 
-def slicegpt(model: PreTrainedModel, tokenizer, texts: list[str], target_params: int, batch_size: int = 8,
-             max_length: int = 1024) -> tuple[PreTrainedModel, dict]:
+def edit(model: nn.Module, observer: Covariance, target_params: int, in_place: bool) -> tuple[Edit, dict]:
     """Rotate onto the calibration texts' principal axes and keep the widest K (a multiple of the head
-    count) whose parameter count is at most `target_params`. Returns the sliced model and a record."""
-    check_rotatable(model.config)
-    covariance = residual_covariance(model, tokenizer, texts, batch_size, max_length)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # float64, where the covariance lies
+    count) whose parameter count, with the head untied, is at most `target_params`."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(observer.total)  # float64, where the covariance lies
     order = eigenvalues.argsort(descending=True)
-    untied = model.config.tie_word_embeddings
-    rotate(model, eigenvectors[:, order])
+    tied = bool(model.config.tie_word_embeddings)
     step = kept_width_step(model.config, 1)
     k = next((k for k in range(model.config.hidden_size - step, 0, -step)
-              if sliced_param_count(model, k) <= target_params), None)
+              if sliced_param_count(model, k, untie=True) <= target_params), None)
     if k is None:
         raise NotApplicable(f"slicegpt cannot reach {target_params:,} parameters: even the narrowest width "
-                        f"({step}, one per head) has more")
+                            f"({step}, one per head) has more")
+    rotate = rotation(model, eigenvectors[:, order], in_place)
+    sliced = slice_edit(model, torch.arange(k), in_place=True, tied=False)
     explained = float(eigenvalues[order[:k]].sum() / eigenvalues.sum())
-    sliced = slice_model(model, torch.arange(k), in_place=True)
     record = {"method": "slicegpt",
               "rule": "one rotation onto the eigenvectors of the residual covariance (all layer inputs and "
                       "the final norm's input), norm gains folded into readers, then the widest K at most "
                       "the target parameters",
-              "hidden_size": k, "untied_head": untied, "explained_variance": explained,
-              "target_params": target_params, "params_after": count_params(sliced)}
-    return sliced, record
+              "hidden_size": k, "untied_head": tied, "explained_variance": explained,
+              "target_params": target_params}
+    return Edit(sliced.config, lambda i, state: sliced.block(i, rotate.block(i, state)),
+                lambda name, tensor: sliced.rest(name, rotate.rest(name, tensor))), record
 
 
 METHOD = Method(name="slicegpt", summary="hidden dims after rotating the residual stream onto its principal "
-                "axes (pre-norm architectures only)", build=slicegpt, consumes=True)
+                "axes (pre-norm architectures only)", observer=Covariance, edit=edit)

@@ -44,6 +44,16 @@ def accepts(config, changes: dict) -> bool:
     return True
 
 
+def meta_model(config, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A stock model of `config` on the meta device (no memory; its buffers real, built from the config):
+    for shapes, parameter counts, and as the frame weights are assigned into."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
 def rebuild(config, state: dict[str, torch.Tensor], dtype: torch.dtype, partial: str | None = None
             ) -> PreTrainedModel:
     """A stock model built from `config` holding `state`, loaded strictly (every key, every shape) and

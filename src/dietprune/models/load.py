@@ -21,12 +21,28 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dietprune.device import check_fits, offload_folder
 from dietprune.errors import DietError
-from dietprune.io import atomic_dir, cache_root
-from dietprune.models.edit import rebuild
+from dietprune.io import atomic_dir, cache_root, read_json
+from dietprune.models.edit import meta_model, rebuild
+from dietprune.models.store import Checkpoint
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
+RECORD = "dietprune.json"  # what dietprune did to a pruned model, beside its weights
+
+
+@dataclass
+class Loaded:
+    """A model with its tokenizer, where it came from, the dtype its checkpoint stores, the record of a
+    model dietprune pruned, and, for a model streamed from its files, the checkpoint that holds its
+    weights (the model itself is then built on the meta device)."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+    stored_dtype: torch.dtype
+    record: dict | None = None
+    checkpoint: Checkpoint | None = None
 
 
 def _gemma3_270m_gguf() -> Path:
@@ -83,10 +99,11 @@ def resolve(spec: str | None) -> ModelSource:
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               device_map: str | None = None) -> tuple[PreTrainedModel, object, ModelSource]:
-    """Load (model, tokenizer, source) in eval mode: straight onto `device`, or dispatched by accelerate
-    (`device_map`, e.g. "auto": the GPUs, then CPU memory, then disk under the cache). A model that
-    does not fit the device is refused before loading, with what it needs.
+               device_map: str | None = None, stream: bool = False) -> Loaded:
+    """Load a model in eval mode: straight onto `device`, dispatched by accelerate (`device_map`, e.g.
+    "auto": the GPUs, then CPU memory, then disk under the cache), or, with `stream`, built on the meta
+    device with its weights left in their files (read one block at a time by the sequential engine). A
+    model that does not fit the device is refused before loading, with what it needs.
 
     Also flushes denormal floats to zero for the process: Gemma's activations produce denormals that
     make fp32 CPU matmuls ~5x slower (measured on this machine), for changes below 1e-38.
@@ -98,20 +115,35 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     if local.is_dir() and not any(local.glob("*.safetensors")):
         raise DietError(f"{local} has no .safetensors weights; dietprune never unpickles .bin files "
                         "(re-save the model with save_pretrained(..., safe_serialization=True))")
-    if device_map is None and local.is_dir():
+    if stream and not local.is_dir():
+        raise DietError(f"--weights stream reads a local checkpoint; {spec} is not one (download it first)")
+    if device_map is None and local.is_dir() and not stream:
         check_fits(source.name, weight_bytes(local, dtype), dtype, device)
-    if device_map is not None:
-        placement = {"device_map": device_map, "offload_folder": str(offload_folder())}
-    else:  # straight to the device, without a first copy in host memory (none needed on the CPU)
-        placement = {"device_map": {"": str(device)}} if device.type != "cpu" else {}
     try:  # safetensors only: weights are never unpickled, and trust_remote_code is never enabled
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, use_safetensors=True,
-                                                     **placement)
         tokenizer = AutoTokenizer.from_pretrained(source.path)
+        if stream:
+            model, checkpoint = _skeleton(local, dtype), Checkpoint(local)
+        else:
+            placement = {"device_map": device_map, "offload_folder": str(offload_folder())} if device_map \
+                else {"device_map": {"": str(device)}} if device.type != "cpu" else {}
+            model, checkpoint = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=dtype, use_safetensors=True, **placement), None
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, damaged, incomplete
         raise DietError(f"cannot load model {spec}: {str(exc).strip().splitlines()[0]}") from exc
-    model.eval()
-    return model, tokenizer, source
+    record_path = local / RECORD
+    record = read_json(record_path, "record of a pruned model") if record_path.is_file() else None
+    return Loaded(model.eval(), tokenizer, source.name, stored_dtype(source.path), record, checkpoint)
+
+
+def _skeleton(directory: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The model of `directory`'s config on the meta device (its buffers, built from the config, real),
+    with the generation config the directory holds."""
+    from transformers import GenerationConfig
+
+    model = meta_model(AutoConfig.from_pretrained(directory), dtype)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
 
 
 def weight_bytes(directory: Path, dtype: torch.dtype) -> int:

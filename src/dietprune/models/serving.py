@@ -4,24 +4,28 @@ but some engines' model code derives it, or a scale, from hidden_size (docs/SERV
 each engine reads, per architecture). An adapter names the rewrite its architecture needs; each one is
 exact (same logits in transformers, tested) and is recorded in dietprune.json as "saved_as".
 
-A rewrite takes (config, state dict) and returns (config, state dict, note), or None when the checkpoint
-is served correctly as it is.
+A rewrite takes the pruned config and returns (the config saved, a transform of each tensor as it is
+written, a note), or None when the checkpoint is served correctly as it is. The transform takes
+(name, tensor) and returns the tensors saved for it, so a model is rewritten one tensor at a time
+(models/store.py's writer).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import torch
 from transformers import LlamaConfig
 
 from dietprune.models.edit import head_dim
 
-Rewrite = tuple[object, dict[str, torch.Tensor], dict]
+Rewrite = tuple[object, Callable[[str, torch.Tensor], dict[str, torch.Tensor]], dict]
 QWEN2_ONLY = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
 
 
-def qwen2_as_llama(config, state: dict[str, torch.Tensor]) -> Rewrite | None:
+def qwen2_as_llama(config) -> Rewrite | None:
     """Qwen2 -> Llama with attention biases. llama.cpp's Qwen2 declares attn_q/attn_output as
     {n_embd, n_embd} and vLLM's Qwen2 sets head_dim = hidden_size // heads, so neither loads a Qwen2 whose
     hidden_size is not heads * head_dim. Llama reads head_dim from the config in both, and computes the
@@ -38,18 +42,19 @@ def qwen2_as_llama(config, state: dict[str, torch.Tensor]) -> Rewrite | None:
     values |= {"attention_bias": True, "mlp_bias": False, "head_dim": head_dim(config),
                "architectures": ["LlamaForCausalLM"]}
     llama = LlamaConfig.from_dict(values)
-    state = dict(state)
-    for i in range(config.num_hidden_layers):
-        weight = state[f"model.layers.{i}.self_attn.o_proj.weight"]
-        state[f"model.layers.{i}.self_attn.o_proj.bias"] = weight.new_zeros(weight.shape[0])
+
+    def transform(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if re.fullmatch(r"model\.layers\.\d+\.self_attn\.o_proj\.weight", name):
+            return {name: tensor, name.removesuffix("weight") + "bias": tensor.new_zeros(tensor.shape[0])}
+        return {name: tensor}
+
     note = {"architecture": "LlamaForCausalLM", "from": "Qwen2ForCausalLM",
             "why": "llama.cpp and vLLM derive Qwen2's head_dim from hidden_size; Llama with attention "
                    "biases and a zero o_proj bias computes the same function and reads head_dim"}
-    return llama, state, note
+    return llama, transform, note
 
 
-def gemma_attention_scale(config, state: dict[str, torch.Tensor], layers_of_27b: int,
-                          q_norm: bool) -> Rewrite | None:
+def gemma_attention_scale(config, layers_of_27b: int, q_norm: bool) -> Rewrite | None:
     """Gemma-2/3: transformers and vLLM scale attention by query_pre_attn_scalar^-1/2, but llama.cpp does
     not read that field: it uses s = hidden_size // heads for a model with the 27B's layer count (46 for
     Gemma-2, 62 for Gemma-3) and s = head_dim otherwise. The released models agree with it (qpas = 144 =
@@ -64,17 +69,17 @@ def gemma_attention_scale(config, state: dict[str, torch.Tensor], layers_of_27b:
     if config.query_pre_attn_scalar == target:
         return None
     factor = math.sqrt(target / config.query_pre_attn_scalar)
-    state = dict(state)
-    for i in range(config.num_hidden_layers):
+    scaled = r"model\.layers\.\d+\.self_attn\." + (r"q_norm\.weight" if q_norm else r"q_proj\.(weight|bias)")
+
+    def transform(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not re.fullmatch(scaled, name):
+            return {name: tensor}
         if q_norm:
-            name = f"model.layers.{i}.self_attn.q_norm.weight"
-            state[name] = (1 + state[name].float()).mul(factor).sub(1).to(state[name].dtype)
-        else:
-            for kind in ("weight", "bias"):
-                if (name := f"model.layers.{i}.self_attn.q_proj.{kind}") in state:
-                    state[name] = state[name].float().mul(factor).to(state[name].dtype)
+            return {name: (1 + tensor.float()).mul(factor).sub(1).to(tensor.dtype)}
+        return {name: tensor.float().mul(factor).to(tensor.dtype)}
+
     values = config.to_dict() | {"query_pre_attn_scalar": target}
     note = {"query_pre_attn_scalar": [config.query_pre_attn_scalar, target], "q_scale": factor,
             "why": "llama.cpp scales a 27B-shaped Gemma's attention by hidden_size / heads, not by "
                    "query_pre_attn_scalar; folded into q so that every engine computes the same"}
-    return config.__class__.from_dict(values), state, note
+    return config.__class__.from_dict(values), transform, note

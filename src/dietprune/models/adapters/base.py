@@ -17,20 +17,29 @@ from dietprune.errors import NotApplicable
 
 @dataclass(frozen=True)
 class SubBlock:
-    """One sub-block: `norm` normalises the residual stream for `readers`; `writer` adds its output back,
-    through `output_norm` when there is one."""
+    """One sub-block: `norm` normalises the residual stream for `readers`; `module` (the attention or the
+    MLP, which holds the readers and the writer) computes from it, its last step `writer`; the result is
+    added back to the stream, through `output_norm` when there is one:
+
+        h  <-  h + output_norm(module(norm(h)))
+
+    `attention`: the module also takes the decoder layer's keyword arguments (masks, positions)."""
 
     norm: str
+    module: str
     readers: tuple[str, ...]
     writer: str
     output_norm: str | None = None
+    attention: bool = False
 
 
 @dataclass(frozen=True)
 class Adapter:
     """Residual-stream anatomy of one architecture.
 
-    attention: q/k/v read through the first norm, o_proj writes; mlp: gate/up read, down_proj writes.
+    attention: q/k/v read through the first norm, o_proj writes; mlp: gate/up read, down_proj writes;
+    the decoder layer computes exactly its two sub-blocks in order (the sequential engine runs them one
+    at a time, tested equal to the layer's own forward for every adapter).
     q, k, v, o, gate, up, down name the same modules by role for the algorithms that cut heads and
     channels. norm_offset: the norm multiplies by (norm_offset + weight); Gemma uses 1.
     width_scaled_embedding: embeddings are multiplied by sqrt(hidden_size) (Gemma).
@@ -43,6 +52,8 @@ class Adapter:
 
     name: str
     model_types: tuple[str, ...]
+    attention_module: str = "self_attn"
+    mlp_module: str = "mlp"
     q: str = "self_attn.q_proj"
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
@@ -65,11 +76,12 @@ class Adapter:
 
     @property
     def attention(self) -> SubBlock:
-        return SubBlock(self.attention_norm, (self.q, self.k, self.v), self.o, self.attention_output_norm)
+        return SubBlock(self.attention_norm, self.attention_module, (self.q, self.k, self.v), self.o,
+                        self.attention_output_norm, attention=True)
 
     @property
     def mlp(self) -> SubBlock:
-        return SubBlock(self.mlp_norm, (self.gate, self.up), self.down, self.mlp_output_norm)
+        return SubBlock(self.mlp_norm, self.mlp_module, (self.gate, self.up), self.down, self.mlp_output_norm)
 
     @property
     def sub_blocks(self) -> tuple[SubBlock, SubBlock]:

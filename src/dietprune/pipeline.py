@@ -1,0 +1,172 @@
+"""A plan executed: observe what the method needs (one sequential pass, cached per task), choose what
+stays, and build the pruned model block by block, in memory or straight into checkpoint files.
+
+    calibrate -> (hidden-dim method) merge into K dims -> slice, or slice and refit (recover.py)
+              -> (structural method) its edit
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from dietprune.assemble import FileSink, MemorySink, Sink, assemble
+from dietprune.calibration import Corpus, corpus_batches, generic_corpus, task_corpora
+from dietprune.errors import DietError
+from dietprune.merge import agreement, merge
+from dietprune.methods.base import Seen, require_tokens
+from dietprune.methods.magnitude import Magnitude
+from dietprune.models.edit import count_params, edited_config, meta_model
+from dietprune.models.load import Loaded
+from dietprune.models.store import Checkpoint
+from dietprune.plan import Plan
+from dietprune.profile import ActivationStats, profile
+from dietprune.recover import recover
+from dietprune.scores import cache_path, cached_stats, model_fingerprint, store_stats
+from dietprune.sequential import Stream, Weights, capture, observe
+from dietprune.settings import PruneSettings
+from dietprune.slice import slice_edit, sliced_param_count
+
+
+@dataclass
+class Pruned:
+    """A pruned model, what was done to it (saved as dietprune.json), and the dtype it is saved in.
+    `model` is in memory; a streamed prune's model is in `checkpoint` instead (its directory holds the
+    config and the weights, already in the saved dtype and form)."""
+
+    model: PreTrainedModel | None
+    tokenizer: object
+    record: dict
+    save_dtype: torch.dtype
+    checkpoint: Checkpoint | None = None
+
+
+def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationStats], dict] | None = None,
+            in_place: bool = False, staging: Path | None = None) -> tuple[PreTrainedModel | Checkpoint, dict]:
+    """Prune `loaded` as `plan` says; returns the pruned model (in memory, or the checkpoint it was
+    streamed into under `staging`) and the record of what was chosen and which samples were used."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    weights = Weights(model, plan.device, plan.dtype, loaded.checkpoint if plan.stream else None)
+    used: dict[str, dict] = {}
+    record: dict = {}
+    clock = time.perf_counter()
+
+    def sink(config, into_dense: bool = False) -> Sink:
+        if plan.stream:
+            directory = staging or Path(tempfile.mkdtemp(prefix="dietprune-pruned-"))
+            return FileSink(directory, config, plan.save_dtype, getattr(model, "generation_config", None))
+        return MemorySink(config, plan.dtype, into_dense)
+
+    if plan.method.kind == "structural":
+        target = sliced_param_count(model, plan.kept)
+        observer = plan.method.observer(model, target)  # refuses a target it cannot meet, before any work
+        corpora = task_corpora(plan.calibration)
+        _record_used(used, corpora)
+        batches, _ = corpus_batches(tokenizer, corpora, plan.batching)
+        stream = capture(weights, batches)
+        observe(weights, stream, [observer], plan.method.name)
+        require_tokens(stream.tokens())
+        observed_s = time.perf_counter() - clock
+        edit, structure = plan.method.edit(model, observer, target, in_place)
+        out = sink(edit.config)
+        assemble(weights, edit, out, plan.method.name)
+        record |= {"kept_dims": list(range(edit.config.hidden_size)), "structure": structure}
+    else:
+        if score_file is not None:
+            stats, meta = score_file
+            used |= meta.get("tasks", {})
+        else:
+            stats = plan.method.scores(calibrate(weights, tokenizer, plan, used), plan.settings)
+        observed_s = time.perf_counter() - clock
+        keep, agreement_by_task = choose_dims(stats, plan.kept, plan.settings)
+        record |= {"kept_dims": keep.tolist(), "task_agreement": agreement_by_task}
+        config = edited_config(model.config, {"hidden_size": plan.kept})
+        if plan.parts:
+            started = time.perf_counter()
+            corpora = [c.head(plan.settings.recover_samples) for c in task_corpora(plan.calibration)]
+            _record_used(used, corpora)
+            out = sink(config, into_dense=in_place)
+            recover(weights, tokenizer, corpora, keep, plan.parts, plan.settings.recover_alpha, plan.batching,
+                    out, in_place)
+            record["recovery"] = {"method": plan.settings.recover, "parts": list(plan.parts),
+                                  "alpha": plan.settings.recover_alpha,
+                                  "seconds": round(time.perf_counter() - started, 1),
+                                  "tasks": {c.name: {"ids": list(c.ids)} for c in corpora}}
+        else:
+            out = sink(config)
+            assemble(weights, slice_edit(model, keep, in_place), out)
+    result = out.finish()
+    shape = meta_model(out.pruned_config) if isinstance(out, FileSink) else result
+    if isinstance(out, FileSink) and out.saved_as:
+        record["saved_as"] = out.saved_as
+    stages = {"calibrate": round(observed_s, 2), "build": round(time.perf_counter() - clock - observed_s, 2)}
+    return result, record | {"calibration": used, "hidden_size_after": shape.config.hidden_size,
+                             "params_after": count_params(shape), "seconds_by_stage": stages}
+
+
+def calibrate(weights: Weights, tokenizer, plan: Plan, used: dict[str, dict]) -> Seen:
+    """What a hidden-dim method needs, in one pass over the blocks: each task's (and generic text's)
+    activation statistics, taken from the profile cache where they are there, and the weights'
+    magnitudes. Records every corpus used in `used`."""
+    needs, settings = plan.method.needs, plan.calibration
+    seen = Seen(weights.model.config.hidden_size)
+    corpora = task_corpora(settings) if "tasks" in needs else []
+    if "generic" in needs:
+        corpora.append(generic_corpus(settings.samples * len(settings.tasks)))
+    fingerprint = model_fingerprint(weights.model, weights.checkpoint) if corpora else ""
+    paths = {c.name: cache_path(fingerprint, c, settings) for c in corpora}
+    stats = {c.name: cached for c in corpora if (cached := cached_stats(paths[c.name], c.name)) is not None}
+    missing = [c for c in corpora if c.name not in stats]
+    magnitude = [Magnitude(weights)] if "magnitude" in needs else []
+    if missing:
+        found = profile(weights, tokenizer, missing, settings.site, plan.batching, tuple(magnitude),
+                        desc=f"profile {len(missing)} task{'s' * (len(missing) > 1)}")
+        for corpus, corpus_stats in zip(missing, found, strict=True):
+            stats[corpus.name] = corpus_stats
+            store_stats(paths[corpus.name], corpus.name, corpus_stats)
+    elif magnitude:  # a weights-only pass
+        observe(weights, Stream([], [], [], [], weights.device), magnitude, "magnitude")
+    if magnitude:
+        seen.magnitude = magnitude[0].result()
+    for corpus in corpora:
+        used[corpus.name] = {"ids": list(corpus.ids), "tokens": stats[corpus.name].tokens} | (
+            {"source": corpus.source} if corpus.source else {})
+        if corpus.name == "lambada" and "generic" in needs:
+            seen.generic = stats[corpus.name]
+        else:
+            seen.tasks[corpus.name] = stats[corpus.name]
+    return seen
+
+
+def choose_dims(stats: dict[str, ActivationStats], k: int, settings: PruneSettings
+                ) -> tuple[torch.Tensor, dict[str, int]]:
+    """The k hidden dims a hidden-dim method keeps, from its per-source stats, and how many of each
+    merged source's own top-k they are."""
+    names = _merged_names(list(stats), settings.merge_tasks)
+    matrix = torch.stack([stats[name].score(settings.aggregation) for name in names])
+    keep = merge(matrix, k, settings.merge)
+    return keep, agreement(matrix, keep, names)
+
+
+def _merged_names(names: list[str], merge_tasks: tuple[str, ...]) -> list[str]:
+    """The sources whose scores are merged: all, or the requested subset of the profiled tasks."""
+    if not merge_tasks:
+        return names
+    unknown = sorted(set(merge_tasks) - set(names))
+    if unknown:
+        raise DietError(f"cannot merge {', '.join(unknown)}: not among the profiled {', '.join(names)}")
+    return [n for n in names if n in merge_tasks]
+
+
+def _record_used(used: dict[str, dict], corpora: list[Corpus]) -> None:
+    """Record the corpora's samples as used (evaluation excludes them), beside those already there."""
+    for corpus in corpora:
+        entry = used.setdefault(corpus.name, {"ids": []})
+        entry["ids"] += [i for i in corpus.ids if i not in entry["ids"]]
+        if corpus.source:
+            entry["source"] = corpus.source

@@ -1,0 +1,151 @@
+"""The plan of a prune: every option resolved once, before any weight is read, and read by every stage.
+
+Each `auto` has one rule, here:
+  recover   full after a hidden-dim method, none after a structural one (docs/RESULTS.md);
+  site      block_output for a plain slice (the paper's), norm_output when a refit follows (RESULTS.md);
+            a score file's own site when the scores are given;
+  device    CUDA when torch sees a GPU (under torchrun, the process's LOCAL_RANK GPU), else the CPU;
+            an in-memory model computes where it is;
+  dtype     bfloat16 on a GPU, float32 on a CPU (exact and the same on every CPU; bfloat16 is fast only
+            on CPUs with native bf16 units, and changes ~4% of the evaluator's predictions);
+  save      the narrower of the dtype the source stores and the compute dtype: the checkpoint holds
+            what was computed, in no more bytes than that (a GPU run of a float32 Gemma-2 saves bf16);
+  weights   load the whole model onto the device when its weights take at most 80% of the device's
+            free memory, else stream it from its checkpoint files one block at a time;
+  round_to  merge.kept_width_step;
+  batching  at most 4,096 padded tokens per calibration batch on a CPU, more on a GPU (by its memory).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from dietprune.calibration import Batching
+from dietprune.device import free_memory
+from dietprune.errors import DietError
+from dietprune.merge import kept_width, kept_width_step
+from dietprune.methods import Method, get_method
+from dietprune.models.adapters import adapter_for
+from dietprune.settings import CalibrationSettings, PruneSettings, RuntimeSettings
+
+CPU_BATCH_TOKENS = 4096
+FIT_FRACTION = 0.8  # `weights auto` loads a model whose weights take at most this share of free memory
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for `--device`: auto, cpu, cuda or cuda:N."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DietError(f"--device {name}: no CUDA device is available here (torch sees none); "
+                            "use --device cpu or auto")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DietError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices here")
+        return device
+    return torch.device(name)
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype the model is loaded and run in (`auto`: see the module doc)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def save_dtype(name: str, stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The dtype a pruned checkpoint is saved in (`auto`: see the module doc)."""
+    if name != "auto":
+        return getattr(torch, name)
+    return min((stored, compute), key=lambda dtype: dtype.itemsize)
+
+
+def resolve_recover(method: Method, recover: str) -> str:
+    if recover == "auto":
+        return "full" if method.kind == "hidden" else "none"
+    return recover
+
+
+def resolve_site(site: str, recover: str) -> str:
+    if site == "auto":
+        return "block_output" if recover == "none" else "norm_output"
+    return site
+
+
+def recovery_parts(recover: str) -> tuple[str, ...]:
+    """What recovery refits: nothing, the readers (lsq), or everything (full)."""
+    from dietprune.recover import PARTS
+
+    return {"none": (), "lsq": ("readers",), "full": PARTS}[recover]
+
+
+def batch_tokens(device: torch.device, width: int) -> int:
+    """Padded tokens per calibration batch: 4,096 on a CPU (large matmuls, bounded memory); on a GPU as
+    many as keep a batch's widest activations (about 16 x width floats per token) within 5% of its free
+    memory, between 4,096 and 65,536."""
+    if device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    free = torch.cuda.mem_get_info(device)[0]
+    return int(min(65536, max(CPU_BATCH_TOKENS, free * 0.05 // (16 * width * 4))))
+
+
+def batching(calibration: CalibrationSettings, device: torch.device, width: int) -> Batching:
+    return Batching(calibration.batch_size, calibration.max_length, batch_tokens(device, width))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A prune, resolved: the method and its settings (no `auto` left), the kept width, where and in
+    which dtype it computes, how calibration texts are batched, and how the weights are read."""
+
+    method: Method
+    settings: PruneSettings
+    calibration: CalibrationSettings
+    runtime: RuntimeSettings
+    device: torch.device
+    dtype: torch.dtype
+    save_dtype: torch.dtype
+    batching: Batching
+    width: int
+    kept: int
+    step: int
+    stream: bool
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return recovery_parts(self.settings.recover)
+
+
+def make_plan(config, settings: PruneSettings, calibration: CalibrationSettings, runtime: RuntimeSettings,
+              stored: torch.dtype, device: torch.device | None = None, dtype: torch.dtype | None = None,
+              weight_bytes: Callable[[torch.dtype], int] | None = None, score_site: str | None = None
+              ) -> Plan:
+    """Resolve every option for a model of `config` whose checkpoint stores `stored`. `device` and
+    `dtype` are given for a model already in memory; `weight_bytes(dtype)` (its checkpoint's size in a
+    dtype) decides `weights auto` for a model still on disk."""
+    method = get_method(settings.method)
+    settings = replace(settings, recover=resolve_recover(method, settings.recover))
+    if method.kind == "structural" and settings.recover != "none":
+        raise DietError(f"{method.name} chooses its own structure, not a mask of hidden dims: "
+                        "--recover does not apply")
+    calibration = replace(calibration, site=score_site or resolve_site(calibration.site, settings.recover))
+    adapter_for(config)
+    device = device if device is not None else resolve_device(runtime.device)
+    dtype = dtype if dtype is not None else compute_dtype(runtime.dtype, device)
+    step = kept_width_step(config, settings.round_to)
+    k = kept_width(config.hidden_size, settings.sparsity, step)
+    stream = runtime.weights == "stream" or (runtime.weights == "auto" and weight_bytes is not None
+                                             and weight_bytes(dtype) > FIT_FRACTION * free_memory(device))
+    if stream and runtime.device_map is not None:
+        raise DietError("--weights stream reads one block at a time onto one device; it does not take "
+                        "--device-map")
+    saved = save_dtype(runtime.save_dtype, stored, dtype)
+    return Plan(method, settings, calibration, runtime, device, dtype, saved,
+                batching(calibration, device, config.hidden_size), config.hidden_size, k, step, stream)
