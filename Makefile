@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/diet run --limit 40
+	$(BIN)/diet run --limit 40 --perplexity-passages 64
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
@@ -30,8 +30,9 @@ test: lint
 test-all: lint
 	$(BIN)/pytest -m "not serving"
 
-# Not in CI: builds llama.cpp from the llama-cpp-python sdist (~10 min once, cached in .cache/llama.cpp),
-# runs every adapter's pruned checkpoint in it, then measures dense vs pruned tokens/s.
+# Not in CI: builds llama.cpp and its llama-quantize, llama-perplexity and llama-bench from the
+# llama-cpp-python sdist (~10 min once, cached in .cache/llama.cpp), runs every adapter's pruned checkpoint
+# in it, quantises the embedded ones (Q8_0, Q4_K_M), then measures dense vs pruned: size, tokens/s, perplexity.
 test-serving: setup
 	$(BIN)/pip install -q diskcache==5.6.3 sentencepiece==0.2.3  # what llama.cpp's converter and bindings import
 	$(BIN)/pytest -m serving tests/test_llama_cpp.py

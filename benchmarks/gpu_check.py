@@ -252,13 +252,14 @@ def part_evaluator(device: str, smoke: bool) -> dict:
     synchronize(device)
     rate = len(requests) / (time.perf_counter() - started)
     del model
-    tiny = tiny_model("gemma3_text")
-    cpu = loglikelihoods(tiny, tokenizer, requests[:200])[0]
-    dev32 = loglikelihoods(tiny.to(device), tokenizer, requests[:200])[0]
-    dev16 = loglikelihoods(tiny.to(device, torch.bfloat16), tokenizer, requests[:200])[0]
-    pairs = range(0, 200 - 1, 2)  # requests taken two at a time as a two-choice question
+    tiny, compared = tiny_model("gemma3_text"), requests[:200]
+    cpu = loglikelihoods(tiny, tokenizer, compared)[0]
+    dev32 = loglikelihoods(tiny.to(device), tokenizer, compared)[0]
+    dev16 = loglikelihoods(tiny.to(device, torch.bfloat16), tokenizer, compared)[0]
+    pairs = range(0, len(compared) - 1, 2)  # requests taken two at a time as a two-choice question
     choice = {name: [lls[i] >= lls[i + 1] for i in pairs] for name, lls in
               (("cpu", cpu), ("fp32", dev32), ("bf16", dev16))}
+
     def same(name: str) -> float:
         return sum(a == b for a, b in zip(choice["cpu"], choice[name], strict=True)) / len(pairs)
 

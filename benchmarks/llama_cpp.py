@@ -1,22 +1,29 @@
 """llama.cpp, built from the llama-cpp-python 0.3.36 source distribution (a registry package: its vendored
-llama.cpp, converter included), for `make test-serving` and the serving benchmark.
+llama.cpp, converter and tools included), for `make test-serving` and the serving benchmark.
 
-    .venv/bin/python benchmarks/llama_cpp.py      # dense vs pruned: max |delta logit|, argmax, tokens/s
+    .venv/bin/python benchmarks/llama_cpp.py   # dense vs pruned, F16 / Q8_0 / Q4_K_M: size, speed, ppl
+    .venv/bin/python benchmarks/llama_cpp.py --only speed   # re-time the last run's files
 
-build() downloads the sdist once and builds libllama with cmake under .cache/llama.cpp (about 10 min
-on 2 cores, then cached). A checkpoint goes through llama.cpp's own convert_hf_to_gguf.py, then runs
-through llama-cpp-python's ctypes bindings over that library; the numbers are compared with
-transformers on the same tokens. Writes benchmarks/results/serving.json.
+build() downloads the sdist once and builds libllama, llama-quantize, llama-perplexity and llama-bench
+with cmake under .cache/llama.cpp (about 10 min on 2 cores, then cached). A checkpoint goes through
+llama.cpp's own convert_hf_to_gguf.py (then llama-quantize from F16); logits come from llama-cpp-python's
+ctypes bindings over that library and are compared with transformers on the same tokens. Speed is
+llama-bench's (a 256-token prompt, 64 generated tokens, 2 threads; dense and pruned alternately, each run
+one warm-up, the median of 5 runs), perplexity llama-perplexity's on the held-out LAMBADA passages.
+Writes benchmarks/results/serving.json and prints a markdown table.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,24 +32,31 @@ VERSION = "0.3.36"
 SOURCE = CACHE / f"llama_cpp_python-{VERSION}"
 VENDOR = SOURCE / "vendor" / "llama.cpp"
 LIBRARY = CACHE / "build" / "bin"
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-bench")
+QUANTS = ("Q8_0", "Q4_K_M")
+MODELS = ("gemma-3-270m", "smollm2-135m")
+THREADS = 2
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n <", "Question: is the sky blue?\nAnswer:"]
+# llama-quantize's line for a tensor whose rows its type cannot take (llama-quant.cpp, tensor_type_fallback)
+FALLBACK = re.compile(r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+\d+ \(required for type\s+(\w+)\)"
+                      r".*?-> falling back to\s+(\w+)")
 
 
 def build() -> None:
-    """The sdist, unpacked, and libllama built (CPU, Release); each step skipped when already done."""
+    """The sdist, unpacked, and libllama and TOOLS built (CPU, Release); each step skipped when done."""
     CACHE.mkdir(parents=True, exist_ok=True)
     if not VENDOR.is_dir():
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                         f"llama-cpp-python=={VERSION}", "-d", str(CACHE)], check=True)
         with tarfile.open(CACHE / f"llama_cpp_python-{VERSION}.tar.gz") as archive:
             archive.extractall(CACHE, filter="data")
-    if not (LIBRARY / "libllama.so").is_file():
+    if not all((LIBRARY / name).is_file() for name in ("libllama.so", *TOOLS)):
         flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=OFF"]
+                 "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=ON"]
         subprocess.run(["cmake", "-S", str(VENDOR), "-B", str(CACHE / "build"), *flags], check=True,
                        stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(CACHE / "build"), "--target", "llama", "-j",
+        subprocess.run(["cmake", "--build", str(CACHE / "build"), "--target", "llama", *TOOLS, "-j",
                         str(os.cpu_count())], check=True, stdout=subprocess.DEVNULL)
 
 
@@ -58,40 +72,39 @@ def convert(checkpoint: Path, outtype: str = "f32") -> Path:
     return out
 
 
+def quantize(gguf: Path, qtype: str) -> tuple[Path, list[dict]]:
+    """llama-quantize `gguf` (F16) to `qtype`, and the tensors it had to give another type: name, row width
+    (ncols), the type wanted and the type given (f16 where the row is not even a multiple of 32)."""
+    out = gguf.with_name(gguf.name.replace(".f16.gguf", f".{qtype}.gguf"))
+    run = subprocess.run([str(LIBRARY / "llama-quantize"), str(gguf), str(out), qtype, str(THREADS)],
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"llama-quantize {qtype} failed on {gguf.name}: {run.stderr.strip()[-300:]}")
+    fallbacks = [{"tensor": m[1], "ncols": int(m[2]), "wanted": m[3], "got": m[4]}
+                 for m in FALLBACK.finditer(run.stdout + run.stderr)]
+    return out, fallbacks
+
+
 LLAMA_RUN = """
-import json, sys, time
+import json, sys
 import numpy as np
 import llama_cpp
-path, tokens, generate = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+path, tokens = sys.argv[1], json.loads(sys.argv[2])
 llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2)
 out = {"logits": []}
 for ids in tokens:
     llm.reset()
     llm.eval(ids)
     out["logits"].append(np.asarray(llm.scores[len(ids) - 1]).tolist())
-if generate:  # a prompt of about 256 tokens, then `generate` greedy tokens; one warm-up, median of 5
-    prompt = (tokens[0] * 256)[:256]
-    prefill, decode = [], []
-    for _ in range(6):
-        llm.reset()
-        started = time.perf_counter()
-        llm.eval(prompt)
-        prefill.append(len(prompt) / (time.perf_counter() - started))
-        started = time.perf_counter()
-        for _ in range(generate):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        decode.append(generate / (time.perf_counter() - started))
-    out["prompt_tokens_per_s"] = float(np.median(prefill[1:]))
-    out["generate_tokens_per_s"] = float(np.median(decode[1:]))
 print(json.dumps(out))
 """
 
 
-def run_llama_cpp(gguf: Path, tokens: list[list[int]], generate: int = 0) -> dict:
-    """Next-token logits after each prompt (and, with `generate`, tokens per second), in a subprocess
-    that loads our libllama through llama-cpp-python's bindings."""
+def run_llama_cpp(gguf: Path, tokens: list[list[int]]) -> dict:
+    """Next-token logits after each prompt, in a subprocess that loads our libllama through
+    llama-cpp-python's bindings."""
     env = os.environ | {"LLAMA_CPP_LIB_PATH": str(LIBRARY), "PYTHONPATH": str(SOURCE)}
-    run = subprocess.run([sys.executable, "-c", LLAMA_RUN, str(gguf), json.dumps(tokens), str(generate)],
+    run = subprocess.run([sys.executable, "-c", LLAMA_RUN, str(gguf), json.dumps(tokens)],
                          capture_output=True, text=True, env=env)
     if run.returncode:
         raise RuntimeError(f"llama.cpp cannot run {gguf.name}: {run.stderr.strip().splitlines()[-1]}")
@@ -107,9 +120,10 @@ def transformers_logits(checkpoint: Path, tokens: list[list[int]]):
         return [model(torch.tensor([ids])).logits[0, -1] for ids in tokens]
 
 
-def compare(checkpoint: Path, tokens: list[list[int]] | None = None) -> dict:
-    """transformers vs llama.cpp (f32) on PROMPTS (or the given token ids): max |delta logit|, whether
-    every argmax agrees."""
+def compare(checkpoint: Path, tokens: list[list[int]] | None = None, gguf: Path | None = None) -> dict:
+    """transformers (fp32) vs llama.cpp on PROMPTS (or the given token ids), running `gguf` (default: an F32
+    conversion): max |delta logit|, whether every argmax agrees, whether llama.cpp's top 5 always hold
+    transformers' argmax."""
     import torch
     from transformers import AutoTokenizer
 
@@ -117,44 +131,125 @@ def compare(checkpoint: Path, tokens: list[list[int]] | None = None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         tokens = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
     want = transformers_logits(checkpoint, tokens)
-    got = run_llama_cpp(convert(checkpoint), tokens)
-    deltas = [(torch.tensor(g) - w).abs().max().item() for g, w in zip(got["logits"], want, strict=True)]
-    agree = all(int(torch.tensor(g).argmax()) == int(w.argmax()) for g, w in zip(got["logits"], want,
-                                                                               strict=True))
-    return {"max_abs_delta_logit": max(deltas), "logit_scale": max(w.abs().max().item() for w in want),
-            "argmax_agrees": agree}
+    got = [torch.tensor(g) for g in run_llama_cpp(gguf or convert(checkpoint), tokens)["logits"]]
+    pairs = list(zip(got, want, strict=True))
+    return {"max_abs_delta_logit": max((g - w).abs().max().item() for g, w in pairs),
+            "logit_scale": max(w.abs().max().item() for w in want),
+            "argmax_agrees": all(int(g.argmax()) == int(w.argmax()) for g, w in pairs),
+            "top5_holds_argmax": all(int(w.argmax()) in g.topk(5).indices.tolist() for g, w in pairs)}
 
 
-def speed(checkpoint: Path, generate: int = 64) -> dict:
-    """llama.cpp tokens per second of an F16 conversion (2 threads, the same 256-token prompt for every
-    model, one warm-up, median of 5)."""
-    from transformers import AutoTokenizer
+def speed(dense: Path, pruned: Path, repeats: int = 5) -> tuple[dict, dict]:
+    """llama-bench tokens per second of a 256-token prompt and of 64 generated tokens (2 threads) for two
+    models, run alternately so that whatever else the machine does falls on both: `repeats` runs each,
+    every run one warm-up and one timed repetition; the medians."""
+    samples: dict[Path, list[dict]] = {dense: [], pruned: []}
+    flags = ["-p", "256", "-n", "64", "-r", "1", "-t", str(THREADS), "-o", "json"]
+    for _ in range(repeats):
+        for gguf in samples:
+            run = subprocess.run([str(LIBRARY / "llama-bench"), "-m", str(gguf), *flags], capture_output=True,
+                                 text=True, check=True)
+            samples[gguf].append({("prompt" if t["n_prompt"] else "generate"): t["avg_ts"]
+                                  for t in json.loads(run.stdout)})
+    return tuple({f"{kind}_tokens_per_s": round(statistics.median(s[kind] for s in samples[gguf]), 1)
+                  for kind in ("prompt", "generate")} for gguf in (dense, pruned))
 
-    tokens = [AutoTokenizer.from_pretrained(checkpoint)(PROMPTS[0])["input_ids"]]
-    result = run_llama_cpp(convert(checkpoint, "f16"), tokens, generate)
-    return {k: round(v, 1) for k, v in result.items() if k.endswith("per_s")}
+
+def perplexity(gguf: Path, text: Path) -> dict:
+    """llama-perplexity over `text`: chunks of 512 tokens, each scoring its last 256 (llama.cpp's method)."""
+    run = subprocess.run([str(LIBRARY / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", "512",
+                          "-b", "512", "-t", str(THREADS)], capture_output=True, text=True, check=True)
+    log = run.stdout + run.stderr
+    estimate = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log)
+    return {"perplexity": float(estimate[1]), "perplexity_se": float(estimate[2]),
+            "chunks": int(re.search(r"perplexity over (\d+) chunks", log)[1])}
 
 
-def main() -> None:
+def cpu() -> dict:
+    """The CPU the numbers come from: its name, the AVX-512/AMX extensions lscpu reports, its cores."""
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return {"model": re.search(r"Model name:\s+(.+)", lscpu)[1].strip(), "cores": os.cpu_count(),
+            "isa": sorted(set(re.findall(r"avx512[a-z_0-9]*|amx[a-z_0-9]*", lscpu)))}
+
+
+def measure(checkpoint: Path, text: Path) -> dict:
+    """One checkpoint: F32 logits against transformers; at F16, Q8_0 and Q4_K_M the file size and perplexity;
+    quantised, also the fallbacks and the predictions against transformers."""
+    f16 = convert(checkpoint, "f16")
+    row = {"logits_f32": compare(checkpoint), "F16": {"bytes": f16.stat().st_size} | perplexity(f16, text)}
+    for qtype in QUANTS:
+        gguf, fallbacks = quantize(f16, qtype)
+        row[qtype] = {"bytes": gguf.stat().st_size, "fallbacks": len(fallbacks),
+                      "f16_fallbacks": sum(f["got"] == "f16" for f in fallbacks),
+                      "fallback_widths": sorted({f["ncols"] for f in fallbacks})} \
+            | perplexity(gguf, text) | {"logits": compare(checkpoint, gguf=gguf)}
+    return row
+
+
+def gguf_file(checkpoint: Path, qtype: str) -> Path:
+    """Where convert (F16) and quantize (Q8_0, Q4_K_M) leave a checkpoint's GGUF."""
+    return checkpoint.with_name(f"{checkpoint.name}.{'f16' if qtype == 'F16' else qtype}.gguf")
+
+
+def quality(work: Path) -> dict:
+    """Each embedded model, dense and pruned by 20% (default width and recovery, 16 samples a task):
+    measure()'s rows."""
     from dietprune import api
+    from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 
-    build()
-    work = CACHE / "bench"
+    text = work / "lambada-heldout.txt"
+    text.write_text("\n\n".join(t for _, t in lambada_passages()[-PERPLEXITY_PASSAGES:]) + "\n")
     rows = {}
-    for name in ("gemma-3-270m", "smollm2-135m"):
+    for name in MODELS:
         dense = api.load(name)
         dense.model.save_pretrained(work / f"{name}-dense")
         dense.tokenizer.save_pretrained(work / f"{name}-dense")
         pruned = api.prune(dense, sparsity=0.2, samples=16)
         api.save(pruned, work / f"{name}-pruned", overwrite=True)
+        widths = {"dense": dense.model.config.hidden_size, "pruned": pruned.record["width"]}
         for kind in ("dense", "pruned"):
-            checkpoint = work / f"{name}-{kind}"
-            started = time.perf_counter()
-            rows[f"{name} {kind}"] = compare(checkpoint) | speed(checkpoint) | {
-                "seconds": round(time.perf_counter() - started)}
+            rows[f"{name} {kind}"] = {"width": widths[kind]} | measure(work / f"{name}-{kind}", text)
             print(json.dumps({f"{name} {kind}": rows[f"{name} {kind}"]}), flush=True)
+    return {"llama_cpp_python": VERSION, "perplexity_text": f"the last {PERPLEXITY_PASSAGES} LAMBADA test "
+            "passages, joined by blank lines", "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("quality", "speed"),
+                        help="quality: prune, convert, quantise, compare, perplexity; speed: time the files "
+                             "the last quality run left (the noisy part, to repeat on a quiet machine)")
+    args = parser.parse_args()
+    build()
+    work = CACHE / "bench"
+    work.mkdir(parents=True, exist_ok=True)
     out = ROOT / "benchmarks" / "results" / "serving.json"
-    out.write_text(json.dumps({"llama_cpp_python": VERSION, "threads": 2, "rows": rows}, indent=1) + "\n")
+    report = quality(work) if args.only != "speed" else json.loads(out.read_text())
+    if args.only != "quality":  # the timed part last, dense and pruned alternately
+        for name, qtype in itertools.product(MODELS, ("F16", *QUANTS)):
+            files = [gguf_file(work / f"{name}-{kind}", qtype) for kind in ("dense", "pruned")]
+            for kind, result in zip(("dense", "pruned"), speed(*files), strict=True):
+                report["rows"][f"{name} {kind}"][qtype] |= result
+        report |= {"threads": THREADS, "cpu": cpu()}
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(table(report["rows"]))
+
+
+def table(rows: dict) -> str:
+    """Per model and type: size (and its ratio to dense), fallbacks, tokens per second, perplexity."""
+    lines = ["| model | type | MB | / dense | fallbacks (to F16) | prompt tok/s | generate tok/s | ppl |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for key, row in rows.items():
+        dense = rows[key.replace("pruned", "dense")]
+        width = row["width"]["kept"] if isinstance(row["width"], dict) else row["width"]
+        for qtype in ("F16", *QUANTS):
+            cell = row[qtype]
+            fallbacks = f"{cell['fallbacks']} ({cell['f16_fallbacks']})" if "fallbacks" in cell else "–"
+            speeds = " | ".join(str(cell.get(f"{kind}_tokens_per_s", "–")) for kind in ("prompt", "generate"))
+            lines.append(f"| {key} (K {width}) | {qtype} | {cell['bytes'] / 1e6:.1f} | "
+                         f"{cell['bytes'] / dense[qtype]['bytes']:.2f} | {fallbacks} | {speeds} | "
+                         f"{cell['perplexity']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,16 @@ def main() -> None:
     variants = [v for v, spec in VARIANTS.items() if METHODS[spec["method"]].kind == "hidden"]
     loaded = load(args.model)
     model = loaded.model
-    d, step = model.config.hidden_size, kept_width_step(model.config, None)
+    d = model.config.hidden_size
     rows = []
     for sparsity in args.sparsities:
-        k = kept_width(d, sparsity, step)
+        k = kept_width(d, sparsity, kept_width_step(model.config, sparsity, None))
         masks = {}
         for variant in variants:
             settings, calibration = variant_settings(variant, PruneSettings(), CalibrationSettings(),
                                                      sparsity)
             plan = make_plan(model.config, settings, calibration, RuntimeSettings(), loaded.stored_dtype,
-                             device=torch.device("cpu"), dtype=model.dtype)
+                             home=torch.device("cpu"), dtype=model.dtype)
             seen = calibrate(Weights(model, plan.device, plan.dtype), loaded.tokenizer, plan, {})
             stats = plan.method.scores(seen, plan.settings)
             masks[variant] = set(choose_dims(stats, k, settings)[0].tolist())

@@ -32,16 +32,18 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or Path(f"benchmarks/results/mask_stability-{args.model}.json")
     loaded = load(args.model)
-    d, step = loaded.model.config.hidden_size, kept_width_step(loaded.model.config, args.round_to)
+    config = loaded.model.config
+    ks = {s: kept_width(config.hidden_size, s, kept_width_step(config, s, args.round_to))
+          for s in args.sparsities}
     masks: dict[tuple[int, int, float], set[int]] = {}
     for samples, seed in {*itertools.product(args.samples, args.seeds), (100, 0)}:
         stats, _ = profile(loaded, samples=samples, seed=seed)
         matrix = torch.stack([s.score() for s in stats.values()])
         for sparsity in args.sparsities:
-            masks[samples, seed, sparsity] = set(merge(matrix, kept_width(d, sparsity, step)).tolist())
+            masks[samples, seed, sparsity] = set(merge(matrix, ks[sparsity]).tolist())
     rows = []
     for samples, sparsity in itertools.product(args.samples, args.sparsities):
-        k = kept_width(d, sparsity, step)
+        k = ks[sparsity]
         pairs = [len(masks[samples, a, sparsity] & masks[samples, b, sparsity]) / k
                  for a, b in itertools.combinations(args.seeds, 2)]
         to_default = [len(masks[samples, s, sparsity] & masks[100, 0, sparsity]) / k for s in args.seeds]

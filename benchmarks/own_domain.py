@@ -89,7 +89,8 @@ def main() -> None:
                    "code (stdlib files)": CalibrationSettings(tasks=(), calibration=code),
                    "tasks + code": CalibrationSettings(calibration=code)}
         for name, options in configs.items():
-            model = dense if options is None else prune(dense, sparsity=args.sparsity, calibration=options)
+            model = dense if options is None else prune(dense, sparsity=args.sparsity,
+                                                        calibration_settings=options)
             if options is not None:
                 masks[name] = set(model.record["kept_dims"])
             results[name] = evaluate(model.model, model.tokenizer, tasks, args.limit, exclude)

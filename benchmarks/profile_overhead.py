@@ -41,7 +41,7 @@ def main() -> None:
                 model.get_decoder()(**batch, use_cache=False)
 
     def hooked() -> None:  # the sequential engine: captured stream, blocks one at a time, taps
-        profile(Weights.of(model), tokenizer, [corpus], "block_output", batching, desc="profile")
+        profile(Weights.of(model), tokenizer, [corpus], ("block_output",), batching, desc="profile")
 
     plain()  # warm-up
     timings = {"plain": [], "hooked": []}

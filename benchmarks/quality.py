@@ -6,10 +6,14 @@ evaluated on a development split (to choose) or the test split (to report).
 
 Splits, never overlapping each other or any calibration sample:
   test  what RESULTS.md reports: the first 300 evaluation examples of the 7 tasks and PIQA (held out),
-        perplexity on the last 256 LAMBADA passages (as `diet sweep --limit 300`);
+        perplexity on the last 256 LAMBADA passages (as `diet sweep --limit 300`); with `--heldout`
+        also the first 300 of SciQ, Social IQa and CommonsenseQA and all 100 of COPA (lm-eval's
+        definitions, offline copies), tasks no configuration calibrates on;
   dev   evaluation examples 300-399 of the six tasks that have that many (BoolQ, HellaSwag,
         WinoGrande, ARC-Easy, OpenBookQA, PIQA), perplexity on LAMBADA passages 3000-3255 (no method
-        calibrates on them: generic calibration takes at most 700 passages from the front).
+        calibrates on them: generic calibration takes at most 700 passages from the front); with
+        `--heldout` also examples 300-399 of SciQ, Social IQa and CommonsenseQA.
+A result file that lacks tasks a run asks for gets them added (the model is pruned again).
 A configuration is a name from CONFIGS (prune options as in a config file). Each result is cached as
 benchmarks/results/quality-<model>/<config>-s<sparsity>-<split>.json, so a run resumes.
 """
@@ -26,6 +30,7 @@ from dietprune.api import load, prune
 from dietprune.evaluate import evaluate, excluded_ids, perplexity, select_examples
 from dietprune.metrics import average, average_stderr, paired_difference
 from dietprune.settings import CalibrationSettings
+from dietprune.tasks import load_examples
 from dietprune.tasks.data import lambada_passages
 
 CONFIGS: dict[str, dict] = {  # every name pins site and recovery: the defaults are what these runs chose
@@ -34,27 +39,50 @@ CONFIGS: dict[str, dict] = {  # every name pins site and recovery: the defaults 
     "diet+full": {"site": "block_output", "recover": "full"},
     "norm-site+full": {"site": "norm_output", "recover": "full"},
     "random+full": {"method": "random", "site": "block_output", "recover": "full"},
+    # issue 27: what the refit sees
+    "norm-site+full+generic": {"site": "norm_output", "recover": "full", "recover_generic": 224},
+    "norm-site+full+64": {"site": "norm_output", "recover": "full", "recover_samples": 64},
+    "norm-site+full+64+generic": {"site": "norm_output", "recover": "full", "recover_samples": 64,
+                                  "recover_generic": 448},
 }
 TEST_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
 DEV_TASKS = ("boolq", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa")
+HELDOUT = {"test": ("sciq", "social_iqa", "commonsense_qa", "copa"),  # calibrated on by no configuration
+           "dev": ("sciq", "social_iqa", "commonsense_qa")}
 TEST_LIMIT, DEV_OFFSET, DEV_LIMIT = 300, 300, 100
 
 
-def split_examples(split: str, record: dict | None) -> tuple[tuple[str, ...], dict[str, set[str]], int, list]:
+def split_examples(split: str, record: dict | None, heldout: bool) -> tuple[tuple[str, ...], dict, int, list]:
     """(tasks, excluded ids, limit, perplexity texts) of a split."""
     exclude = excluded_ids(record, CalibrationSettings(tasks=TEST_TASKS[:-1]))
+    tasks = (TEST_TASKS if split == "test" else DEV_TASKS) + (HELDOUT[split] if heldout else ())
     if split == "test":
-        return TEST_TASKS, exclude, TEST_LIMIT, None
-    for task in DEV_TASKS:  # the test examples are excluded too: dev starts after them
+        return tasks, exclude, TEST_LIMIT, None
+    for task in tasks:  # the test examples are excluded too: dev starts after them
         exclude.setdefault(task, set()).update(ex.id for ex in select_examples(task, TEST_LIMIT, exclude))
-    return DEV_TASKS, exclude, DEV_LIMIT, [text for _, text in lambada_passages()[3000:3256]]
+    return tasks, exclude, DEV_LIMIT, [text for _, text in lambada_passages()[3000:3256]]
 
 
-def measure(model, tokenizer, split: str, record: dict | None, tasks_too: bool = True) -> dict:
-    tasks, exclude, limit, texts = split_examples(split, record)
-    results = evaluate(model, tokenizer, tasks, limit, exclude) if tasks_too else {"average": {"acc": None}}
-    results["perplexity"] = perplexity(model, tokenizer, texts, progress=True)
+def measure(model, tokenizer, split: str, record: dict | None, tasks_too: bool, heldout: bool,
+            done: dict | None = None) -> dict:
+    """The split's results, adding to `done` (an earlier result file) only what it lacks."""
+    tasks, exclude, limit, texts = split_examples(split, record, heldout)
+    results = done or {"tasks": {}}
+    missing = [t for t in tasks if t not in results["tasks"]] if tasks_too else []
+    if missing:
+        results["tasks"] |= evaluate(model, tokenizer, missing, limit, exclude)["tasks"]
+    if "perplexity" not in results:
+        results["perplexity"] = perplexity(model, tokenizer, texts, progress=True)
     return results
+
+
+def complete(path: Path, split: str, heldout: bool, tasks_too: bool) -> bool:
+    """Whether a result file holds every task (and perplexity) the run asks for."""
+    if not path.is_file():
+        return False
+    result = json.loads(path.read_text())
+    tasks = split_examples(split, None, heldout)[0] if tasks_too else ()
+    return "perplexity" in result and all(t in result.get("tasks", {}) for t in tasks)
 
 
 def main() -> None:
@@ -65,31 +93,34 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--perplexity-only", action="store_true", help="skip the tasks (SmolLM2's check)")
+    parser.add_argument("--heldout", action="store_true", help="also tasks no configuration calibrates on")
     args = parser.parse_args()
     out = args.out or Path(f"benchmarks/results/quality-{args.model}")
     out.mkdir(parents=True, exist_ok=True)
     dense = load(args.model)
+    tasks_too = not args.perplexity_only
     path = out / f"dense-{args.split}.json"
-    if not path.is_file():
-        measured = measure(dense.model, dense.tokenizer, args.split, None, not args.perplexity_only)
+    if not complete(path, args.split, args.heldout, tasks_too):
+        done = json.loads(path.read_text()) if path.is_file() else None
+        measured = measure(dense.model, dense.tokenizer, args.split, None, tasks_too, args.heldout, done)
         path.write_text(json.dumps(measured, indent=1))
     for sparsity in args.sparsity:
         for name in args.configs:
             path = out / f"{name}-s{round(sparsity * 100):02d}-{args.split}.json"
-            if path.is_file():
+            if complete(path, args.split, args.heldout, tasks_too):
                 continue
+            done = json.loads(path.read_text()) if path.is_file() else None
             started = time.perf_counter()
             pruned = prune(dense, sparsity=sparsity, **CONFIGS[name])
             seconds = time.perf_counter() - started
-            result = measure(pruned.model, pruned.tokenizer, args.split, pruned.record,
-                             not args.perplexity_only)
+            result = measure(pruned.model, pruned.tokenizer, args.split, pruned.record, tasks_too,
+                             args.heldout, done)
             result["prune"] = {k: v for k, v in pruned.record.items()
                                if k not in ("kept_dims", "calibration")}
-            result["prune_seconds"] = seconds
+            result.setdefault("prune_seconds", seconds)
             path.write_text(json.dumps(result, indent=1))
-            print(json.dumps({"config": name, "sparsity": sparsity, "avg": result["average"]["acc"],
-                              "ppl": result["perplexity"]["perplexity"], "seconds": round(seconds)}),
-                  flush=True)
+            print(json.dumps({"config": name, "sparsity": sparsity, "ppl": result["perplexity"]["perplexity"],
+                              "seconds": round(seconds)}), flush=True)
             del pruned
 
 
@@ -118,8 +149,48 @@ def table(out: Path, split: str) -> str:
     return "\n".join(lines)
 
 
+def chance(task: str, ids: list[str]) -> float:
+    """The accuracy of guessing on these examples: the mean of 1 / number of choices."""
+    by_id = {ex.id: ex for ex in load_examples(task)}
+    return sum(1 / len(by_id[i].choices) for i in ids) / len(ids)
+
+
+def heldout_table(out: Path, split: str, reference: str = "norm-site+full-s20") -> str:
+    """Markdown of the results that hold the held-out tasks: the profiled and the held-out averages
+    (± standard error), each one's paired difference to `reference` (the default), the share of the
+    dense model's above-chance accuracy each keeps, perplexity and prune time."""
+    profiled = [t for t in (TEST_TASKS if split == "test" else DEV_TASKS) if t != "piqa"]
+    heldout = ["piqa", *HELDOUT[split]]
+    rows = {p.name.removesuffix(f"-{split}.json"): json.loads(p.read_text())
+            for p in sorted(out.glob(f"*-{split}.json"))}
+    rows = {name: r for name, r in rows.items() if all(t in r.get("tasks", {}) for t in profiled + heldout)}
+    dense, base = rows.get("dense"), rows.get(reference)
+    lines = ["| configuration | profiled avg | - default (paired) | held-out avg | - default (paired) | "
+             "retained profiled | retained held-out | perplexity | prune s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, result in rows.items():
+        cells = []
+        for tasks in (profiled, heldout):
+            cells.append(f"{100 * average(result, tasks):.1f} ± {100 * average_stderr(result, tasks):.1f}")
+            if base is not None and result is not base and name != "dense":
+                delta, err = paired_difference(result, base, tasks)
+                cells.append(f"{100 * delta:+.1f} ± {100 * err:.1f}")
+            else:
+                cells.append("")
+        for tasks in (profiled, heldout):
+            floor = sum(chance(t, result["tasks"][t]["ids"]) for t in tasks) / len(tasks)
+            kept = (average(result, tasks) - floor) / (average(dense, tasks) - floor) if dense else None
+            cells.append(f"{100 * kept:.0f}%" if kept is not None else "")
+        seconds = f"{result['prune_seconds']:.0f}" if "prune_seconds" in result else ""
+        ppl = result["perplexity"]["perplexity"]
+        lines.append(f"| {name} | {' | '.join(cells)} | {ppl:,.1f} | {seconds} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--table"]:  # quality.py --table DIR SPLIT
         print(table(Path(sys.argv[2]), sys.argv[3]))
+    elif sys.argv[1:2] == ["--heldout-table"]:  # quality.py --heldout-table DIR SPLIT
+        print(heldout_table(Path(sys.argv[2]), sys.argv[3]))
     else:
         main()

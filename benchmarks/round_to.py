@@ -5,8 +5,8 @@
 
 The dense model is measured before and after the pruned ones: the spread of those two runs is the noise
 floor of the comparison. K is rounded to a multiple of lcm(round_to, attention heads); a rounding that
-leaves no valid K is reported as such. Writes benchmarks/results/round_to-<model>.json and prints a
-markdown table.
+leaves no K within 2.5 points of the sparsity is reported as such. Writes
+benchmarks/results/round_to-<model>.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ def main() -> None:
                 rows.append({"round_to": round_to, "error": str(exc)})
                 continue
             pruned[round_to] = (path, record)
-        dense_runs = [measure_in_subprocess(dense_path, args.repeats)]
+        dense_runs = [measure_in_subprocess(dense_path, args.repeats, "auto", "auto")]
         for round_to, (path, record) in pruned.items():
-            run = measure_in_subprocess(str(path), args.repeats)
+            run = measure_in_subprocess(str(path), args.repeats, "auto", "auto")
             rows.append({"round_to": round_to, "hidden_size": record["hidden_size_after"],
                          "params": record["params_after"], "pruned": run})
             print(json.dumps({"round_to": round_to, "k": record["hidden_size_after"]}), flush=True)
-        dense_runs.append(measure_in_subprocess(dense_path, args.repeats))
+        dense_runs.append(measure_in_subprocess(dense_path, args.repeats, "auto", "auto"))
     dense = {m: sum(r[m] for r in dense_runs) / len(dense_runs) for m in SPEEDUP_METRICS} | {
         flops: dense_runs[0][flops] for flops in SPEEDUP_METRICS.values()}
     noise = {m: abs(dense_runs[-1][m] / dense_runs[0][m] - 1) for m in SPEEDUP_METRICS}

@@ -79,7 +79,7 @@ def profile_texts(model, texts, site: str = "block_output", rows: int = 8):
     from dietprune.sequential import Weights
 
     corpus = Corpus("texts", tuple(map(str, range(len(texts)))), tuple(texts))
-    return profile(Weights.of(model), tiny_tokenizer(), [corpus], site, batching(rows))[0]
+    return profile(Weights.of(model), tiny_tokenizer(), [corpus], (site,), batching(rows))[site][0]
 
 
 @pytest.fixture(scope="session")

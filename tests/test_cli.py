@@ -30,13 +30,18 @@ def run_error(capsys, argv: list[str]) -> str:
     return err
 
 
-def test_prune_writes_a_standard_checkpoint(tiny_dir, tmp_path, capsys):
+def test_prune_writes_a_standard_checkpoint(tiny_dir, tmp_path, capsys, caplog):
     out = tmp_path / "pruned"
-    assert main(["prune", "--model", str(tiny_dir), "--out", str(out), "--sparsity", "0.25", *FAST]) == 0
+    with caplog.at_level("WARNING", logger="dietprune.api"):
+        assert main(["prune", "--model", str(tiny_dir), "--out", str(out), "--sparsity", "0.25", *FAST]) == 0
     assert "hidden 48 -> 36" in capsys.readouterr().out  # auto rounding: a multiple of the 4 heads
     record = json.loads((out / "dietprune.json").read_text())
     assert record["hidden_size_after"] == 36 and len(record["kept_dims"]) == 36
     assert record["kept_width_step"] == 4 and record["settings"]["round_to"] is None
+    width = record["width"]  # K 36 loses the multiple of 8 the dense 48 is: the record and a warning say so
+    assert width["kept"] == 36 and width["multiple_of"] == 4 and not any(width["serving"].values())
+    assert [r.getMessage() for r in caplog.records if r.name == "dietprune.api"] == [width["why"]]
+    assert width["lost"] == ["vLLM RMSNorm vectorised"] and "the dense 48 is a multiple of 8" in width["why"]
     assert set(record["calibration"]) == {"arc_easy", "boolq", "rte"}
     assert all(len(t["ids"]) == 4 for t in record["calibration"].values())
     assert AutoConfig.from_pretrained(out).hidden_size == 36
@@ -107,7 +112,20 @@ def test_output_inside_the_input_model(tiny_dir, capsys):
 def test_width_the_heads_cannot_take(tiny_dir, tmp_path, capsys):
     err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"),
                              "--sparsity", "0.9", "--round-to", "16"])
-    assert "after rounding" in err
+    assert "the nearest possible sparsities are 0.6667 (K 16), more than 2.5 points away" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_alignment_a_nine_head_model_cannot_take(tmp_path, capsys):
+    """SmolLM2's shape (576 wide, 9 heads): multiples of 256 and of 9 are multiples of 2304, wider than it."""
+    model_dir = tmp_path / "nine"
+    tiny_model("llama", hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=1,
+               intermediate_size=16).save_pretrained(model_dir)
+    err = run_error(capsys, ["prune", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--sparsity",
+                             "0.2", "--round-to", "256"])
+    assert "the nearest possible sparsities are none (no multiple is below 576); --round-to 32 allows 0.5 " \
+           "(K 288); --round-to auto keeps K 459 (sparsity 0.2031)" in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("value", ["0", "-8", "eight"])
@@ -231,7 +249,8 @@ def test_quiet_prints_no_progress_bars(tiny_dir, tmp_path):
     run = subprocess.run([sys.executable, "-m", "dietprune.cli", "--quiet", "prune", "--model", str(tiny_dir),
                           "--out", str(tmp_path / "o"), "--json", *FAST], capture_output=True, text=True,
                          env=env)
-    assert run.returncode == 0 and run.stderr == ""
+    assert json.loads((tmp_path / "o" / "dietprune.json").read_text())["width"]["lost"] == []
+    assert run.returncode == 0 and run.stderr == ""  # K 40 of 48 loses no alignment: no warning, no bars
     assert json.loads(run.stdout)["hidden_size_after"] == 40
 
 
@@ -326,3 +345,160 @@ def test_eval_loads_the_model_in_the_asked_dtype(tiny_dir, tmp_path, capsys):
     assert main([*argv, "--overwrite"]) == 0
     results = json.loads(out.read_text())
     assert results["settings"]["dtype"] == "float32" and results["perplexity"]["texts"] == 256
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test: what it checks must be refused before one."""
+    import dietprune.api
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(dietprune.api, "load_model", loaded)
+
+
+BEFORE_LOADING = {  # diet run's arguments after FAST -> its one line, before any model is loaded
+    "missing calibration file": (["--calibration", "{tmp}/missing.jsonl"],
+                                 "calibration file not found: {tmp}/missing.jsonl"),
+    "calibration folder": (["--calibration", "{tmp}"], "calibration file {tmp} is a folder"),
+    "malformed calibration row": (["--calibration", "{tmp}/t.jsonl"],
+                                  "calibration file {tmp}/t.jsonl: line 3 is not valid JSON (Expecting ',' "
+                                  "delimiter, column 14)"),
+    "missing include path": (["--include-path", "{tmp}/nope"], "--include-path {tmp}/nope: no such folder"),
+    "include path that is a file": (["--include-path", "{tmp}/c.txt"], "--include-path {tmp}/c.txt: a file"),
+    "task YAML that is not YAML": (["--include-path", "{tmp}/tasks", "--tasks", "quiz"],
+                                   "task YAML {tmp}/tasks/quiz.yaml is not valid YAML: expected ',' or ']', "
+                                   "but got '<stream end>' (line 3, column 1)"),
+    "merge of a task not profiled": (["--merge-tasks", "piqa"],
+                                     "cannot merge piqa: not among the profiled arc_easy, boolq, rte"),
+    "merge with a method that scores no task": (["--method", "magnitude", "--merge-tasks", "rte"],
+                                                "--merge-tasks does not apply to --method magnitude"),
+    "recovery after a structural method": (["--method", "shortgpt", "--recover", "full"],
+                                           "shortgpt chooses its own structure"),
+    "streaming with a device map": (["--weights", "stream", "--device-map", "auto"],
+                                    "--weights stream reads one block at a time onto one device"),
+    "too few examples": (["--tasks", "rte", "--samples", "300"], "300 calibration examples from 277 rte"),
+    "too little generic text": (["--method", "agnostic", "--tasks", "boolq", "hellaswag", "--samples",
+                                 "3000"],
+                                "the generic corpus has 4897 calibration passages, not 6000"),
+    "nothing to evaluate": (["--tasks", "--calibration", "{tmp}/c.txt", "--heldout"], "nothing to evaluate"),
+}
+
+
+@pytest.mark.parametrize("case", BEFORE_LOADING)
+def test_bad_input_is_refused_before_any_model_loads(case, tiny_dir, tmp_path, capsys, no_loading):
+    (tmp_path / "c.txt").write_text("the a is\nof yes no\n")
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c" "d"}\n')
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "quiz.yaml").write_text("task: quiz\ndoc_to_text: [unclosed\n")
+    words, message = BEFORE_LOADING[case]
+    out = tmp_path / "run"
+    err = run_error(capsys, ["run", "--model", str(tiny_dir), "--out", str(out), *FAST,
+                             *(w.format(tmp=tmp_path) for w in words)])
+    assert message.format(tmp=tmp_path) in err and not out.exists()
+
+
+def test_an_unknown_held_out_task_is_refused_before_any_work(tiny_dir, tmp_path, capsys, no_loading):
+    """diet run evaluated every other task (and computed perplexity) before it found this one."""
+    err = run_error(capsys, ["run", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST,
+                             "--heldout", "piqa", "no_such_task"])
+    assert "unknown task 'no_such_task'" in err and not (tmp_path / "o").exists()
+
+
+def test_an_unwritable_cache_is_refused_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch, no_loading):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("DIETPRUNE_CACHE", str(tmp_path / "file" / "cache"))
+    err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST])
+    assert f"the dietprune cache {tmp_path / 'file' / 'cache'} cannot be written ({tmp_path / 'file'} is a " \
+           "file); set DIETPRUNE_CACHE" in err
+
+
+def test_scores_naming_a_directory(tiny_dir, tmp_path, capsys, no_loading):
+    err = run_error(capsys, ["prune", "--model", str(tiny_dir), "--scores", str(tmp_path),
+                             "--out", str(tmp_path / "o")])
+    assert f"{tmp_path} is a directory, not a score file" in err
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"intermediate_size": 96}, "its weights do not match its config.json: "
+                                "model.layers.0.mlp.down_proj.weight is 48x80 in the weights, 48x96 by the "
+                                "config (and 8 more tensors); give the config.json saved with these weights"),
+    ({"num_hidden_layers": 4}, "its weights lack model.layers.3.input_layernorm.weight and 8 more, which its "
+                               "config.json makes"),
+])
+def test_a_config_that_disagrees_with_the_weights(change, message, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | change))
+    err = run_error(capsys, ["prune", "--model", str(model_dir), "--out", str(tmp_path / "o"), *FAST])
+    assert f"cannot load model {model_dir}: {message}" in err
+
+
+def test_a_model_without_tokenizer_files(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    err = run_error(capsys, ["prune", "--model", str(model_dir), "--out", str(tmp_path / "o"), *FAST])
+    assert f"{model_dir} has no tokenizer files (looked for tokenizer.json, tokenizer.model, " in err
+    assert "copy those of the model it was made from into it" in err
+
+
+def test_a_damaged_score_cache_entry_is_rebuilt_with_one_warning(tiny_dir, tmp_path, caplog):
+    argv = ["profile", "--model", str(tiny_dir), *FAST]
+    assert main([*argv, "--out", str(tmp_path / "a.safetensors")]) == 0
+    entries = sorted((tmp_path / "cache" / "scores").glob("*.safetensors"))
+    assert len(entries) == 3
+    entries[0].write_bytes(entries[0].read_bytes()[:-40])  # truncated
+    caplog.clear()
+    assert main([*argv, "--out", str(tmp_path / "b.safetensors")]) == 0
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "dietprune.scores"]
+    assert warning.startswith(f"rebuilding a damaged cache entry {entries[0].name}")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("record", ["with sizes", "without sizes"])
+def test_a_damaged_converted_model_is_converted_again(record, tiny_dir, tmp_path, monkeypatch, caplog):
+    """A converted GGUF whose weights were truncated is converted again, with one warning line. (GGUF
+    reading is replaced by the tiny model: the conversion itself, its record and its check are real.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dietprune.models import load
+
+    conversions = []
+
+    class Model:
+        @staticmethod
+        def from_pretrained(path, gguf_file=None, **kwargs):
+            if gguf_file:
+                conversions.append(gguf_file)
+                return tiny_model("gemma3_text")
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+    class Tokenizer:
+        @staticmethod
+        def from_pretrained(path, gguf_file=None, **kwargs):
+            return tiny_tokenizer() if gguf_file else AutoTokenizer.from_pretrained(path, **kwargs)
+
+    monkeypatch.setattr(load, "AutoModelForCausalLM", Model)
+    monkeypatch.setattr(load, "AutoTokenizer", Tokenizer)
+    monkeypatch.setattr(load, "_check_gguf_types", lambda gguf: "float32")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"stands for a GGUF file")
+    converted = Path(load.resolve(str(gguf)).path)
+    assert load.resolve(str(gguf)).path == str(converted) and conversions == ["m.gguf"]  # cached
+    source = json.loads((converted / load.SOURCE_RECORD).read_text())
+    assert source["sizes"]["model.safetensors"] == (converted / "model.safetensors").stat().st_size
+    if record == "without sizes":  # written by an earlier dietprune: the weights' headers give the sizes
+        del source["sizes"]
+        (converted / load.SOURCE_RECORD).write_text(json.dumps(source))
+    weights = converted / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    caplog.clear()
+    assert load.load_model(str(gguf)).model.config.hidden_size == 48
+    assert conversions == ["m.gguf", "m.gguf"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == load.__name__]
+    assert "the cached conversion is damaged (model.safetensors has" in warning and "is rebuilt" in warning

@@ -110,14 +110,17 @@ def test_gguf_records_the_dtype_it_stores(tmp_path):
 def test_a_conversion_without_its_record_is_made_again(tmp_path, monkeypatch):
     """A GGUF cache converted before the stored dtype was recorded would save pruned models in float32:
     it is converted again, replacing the old one; a complete cache is reused."""
+    from safetensors.torch import save_file
+
     from dietprune.models import load
 
     calls = []
-    monkeypatch.setattr(load, "_convert_gguf", lambda gguf, target, if_exists: calls.append(if_exists))
+    monkeypatch.setattr(load, "_convert_gguf", lambda gguf, target, if_exists, *why: calls.append(if_exists))
     target = tmp_path / "m"
     load._converted(tmp_path / "x.gguf", target)  # nothing there yet
     target.mkdir()
     (target / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(4)}, target / "model.safetensors")
     load._converted(tmp_path / "x.gguf", target)  # an old conversion: no record
     (target / load.SOURCE_RECORD).write_text('{"stored_dtype": "bfloat16"}')
     load._converted(tmp_path / "x.gguf", target)  # complete
@@ -226,3 +229,25 @@ def test_the_paper_config_is_a_valid_sweep(tiny_dir, tmp_path):
     table = (out / "results.md").read_text()
     assert "## acc\n" in table and "## score (acc_norm where lm-eval reports it, else acc)" in table
     assert table.count("| magnitude | ") == 2 and "avg - diet" in table
+
+
+def test_a_slow_cpu_dtype_is_one_warning_line(monkeypatch, caplog):
+    """bfloat16 on a CPU without native units (40x slower than float32 on an AVX2 EPYC) is one warning
+    line with the measured ratio; where it is fast, nothing is said."""
+    import dietprune.plan as plan
+    from dietprune.device import cpu_matmul_ratio
+
+    measured = cpu_matmul_ratio(torch.bfloat16)
+    assert measured > 0 and cpu_matmul_ratio(torch.bfloat16) == measured  # measured once, then cached
+    monkeypatch.setattr(plan, "cpu_matmul_ratio", lambda dtype: 40.0)
+    with caplog.at_level("WARNING"):
+        assert plan.compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+        assert plan.compute_dtype("auto", torch.device("cpu")) == torch.float32
+    assert [r.getMessage() for r in caplog.records] == [
+        "bfloat16 matrix products run 40x slower than float32 on this CPU (no native bfloat16 units); "
+        "--dtype float32 (the CPU default) is faster here"]
+    caplog.clear()
+    monkeypatch.setattr(plan, "cpu_matmul_ratio", lambda dtype: 0.5)
+    with caplog.at_level("WARNING"):
+        plan.compute_dtype("bfloat16", torch.device("cpu"))
+    assert not caplog.records

@@ -167,7 +167,8 @@ def test_same_predictions_as_lm_eval_on_embedded_model():
     from dietprune.lm_eval_bridge import lm_eval_loglikelihoods
     from dietprune.models.load import load_model
 
-    model, tokenizer, _ = load_model(None)
+    loaded = load_model(None)
+    model, tokenizer = loaded.model, loaded.tokenizer
     examples = {task: select_examples(task, 6) for task in ("arc_easy", "winogrande", "boolq", "hellaswag")}
     theirs = lm_eval_loglikelihoods(model, tokenizer, examples, batch_size=8)[0]
     for task, exs in examples.items():

@@ -1,6 +1,9 @@
 """Pruned checkpoints in llama.cpp (`make test-serving`; builds llama.cpp once, ~10 min): every adapter's
 tiny model and both embedded models, pruned and saved by dietprune, converted by llama.cpp's own
-converter and run by llama.cpp, give transformers' next-token logits (argmax identical, fp32)."""
+converter and run by llama.cpp, give transformers' next-token logits (argmax identical, fp32). The
+embedded models also quantise with llama-quantize to Q8_0 and Q4_K_M as their width record says (no
+tensor of K-wide rows falls back to another type where the record says the alignment is met; where it
+is not, the fallback is there) and their top 5 next tokens hold the unquantised pruned model's."""
 
 from __future__ import annotations
 
@@ -73,8 +76,39 @@ def test_every_adapter_pruned_runs_in_llama_cpp(model_type, tokenizers, sentence
     assert result["max_abs_delta_logit"] < 5e-3 * max(1.0, result["logit_scale"]), result
 
 
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Each embedded model pruned by 20% (default width and recovery), saved: its folder and record."""
+    out = {}
+    for name in ("gemma-3-270m", "smollm2-135m"):
+        pruned = api.prune(name, sparsity=0.2, samples=16)
+        out[name] = (api.save(pruned, tmp_path_factory.mktemp("embedded") / name), pruned.record)
+    return out
+
+
 @pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m"])
-def test_embedded_models_pruned_run_in_llama_cpp(name, tmp_path):
-    api.save(api.prune(name, sparsity=0.2, samples=16), tmp_path / name)
-    result = llama_cpp.compare(tmp_path / name)
+def test_embedded_models_pruned_run_in_llama_cpp(name, embedded):
+    result = llama_cpp.compare(embedded[name][0])
     assert result["argmax_agrees"] and result["max_abs_delta_logit"] < 1e-2 * max(1.0, result["logit_scale"])
+
+
+@pytest.mark.parametrize("qtype, needs", [("Q4_K_M", "llama.cpp k-quants"),
+                                          ("Q8_0", "llama.cpp Q8_0/Q5_0/Q4_0")])
+@pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m"])
+def test_embedded_models_pruned_quantise_as_recorded(name, qtype, needs, embedded):
+    """Gemma-3 270M keeps K = 512: no tensor falls back. SmolLM2's 9 heads leave K = 459, a multiple of
+    neither 256 nor 32: the record says so, and K-wide tensors fall back to F16 (no others do)."""
+    checkpoint, record = embedded[name]
+    width = record["width"]
+    gguf, fallbacks = llama_cpp.quantize(llama_cpp.convert(checkpoint, "f16"), qtype)
+    at_k = [f for f in fallbacks if f["ncols"] == width["kept"]]
+    assert bool(at_k) == (not width["serving"][needs]), fallbacks
+    assert bool([f for f in at_k if f["got"] == "f16"]) == (not width["serving"]["llama.cpp Q8_0/Q5_0/Q4_0"])
+    assert all(f["got"] != "f16" for f in fallbacks if f["ncols"] != width["kept"]), fallbacks
+    if name == "gemma-3-270m":
+        assert width["kept"] == 512 and fallbacks == []
+    else:
+        assert width["kept"] == 459 and "the dense 576 is a multiple of 32 and 8" in width["why"]
+    # the quantised model against the unquantised one: its top 5 hold the next token (the argmax itself can
+    # flip on a near tie: the dense Gemma's Q8_0 does on one of the three prompts)
+    assert llama_cpp.compare(checkpoint, gguf=gguf)["top5_holds_argmax"]

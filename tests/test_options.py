@@ -37,6 +37,8 @@ def bad_values(f, hint) -> list[list[str]]:
             values += [[str(low)], [str(high)]]
         elif low is not None:
             values.append([str(low - 1)])
+        if high is not None and not meta["exclusive"]:
+            values.append([str(high + 1)])
         if element is float:
             values += [["nan"], ["inf"]]
     return values
@@ -51,27 +53,85 @@ def snapshot(path) -> dict:
     return {str(p): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize(("command", "option", "words"), CASES, ids=[f"{c}-{o}-{'_'.join(w) or 'none'}"
-                                                                     for c, o, w in CASES])
-def test_every_option_refuses_values_out_of_its_domain(command, option, words, tiny_dir, tmp_path, capsys):
+def command_line(command: str, model, tmp_path) -> list[str]:
+    """`diet COMMAND` with its model arguments and an output under `tmp_path`."""
     argv = [command]
     if command == "eval":
-        argv.append(str(tiny_dir))
+        argv.append(str(model))
     elif command == "bench":
-        argv += [str(tiny_dir), str(tiny_dir)]
+        argv += [str(model), str(model)]
     elif command == "inspect":
         argv.append(str(tmp_path / "scores.safetensors"))
     else:
-        argv += ["--model", str(tiny_dir)]
+        argv += ["--model", str(model)]
     if command != "inspect":
         argv += ["--out", str(tmp_path / "out")]
+    return argv
+
+
+def refused(argv: list[str], tmp_path, capsys) -> str:
+    """The one error line of `diet argv`, exit code 2, nothing written under `tmp_path`."""
     before = snapshot(tmp_path)
     capsys.readouterr()
-    assert main([*argv, "--" + option.replace("_", "-"), *words]) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("diet: error: ") and "\n" not in err and "Traceback" not in err
-    assert option.replace("_", "-") in err or "unknown value" in err
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+    return err
+
+
+@pytest.mark.parametrize(("command", "option", "words"), CASES, ids=[f"{c}-{o}-{'_'.join(w) or 'none'}"
+                                                                     for c, o, w in CASES])
+def test_every_option_refuses_values_out_of_its_domain(command, option, words, tiny_dir, tmp_path, capsys):
+    err = refused([*command_line(command, tiny_dir, tmp_path), "--" + option.replace("_", "-"), *words],
+                  tmp_path, capsys)
+    assert option.replace("_", "-") in err or "unknown value" in err
+
+
+def config_bad_values(f, hint) -> list:
+    """Config-file values of a field's type that the command line cannot spell: another type (a string
+    for a number, a number for a string, a fraction for an integer), a list where one value belongs, null
+    where a value is needed. (Ranges and choices are the same check as on the command line, walked above.)"""
+    element, many = element_type(hint), typing.get_origin(hint) is tuple
+    other = "x" if element in (int, float, bool) else 5
+    values = [[other] if many else other]
+    if element is int:
+        values.append(1.5)
+    if many or type(None) not in typing.get_args(hint):
+        values.append(None)
+    if not many:
+        values.append([f.default, f.default])
+    return values
+
+
+CONFIG_CASES = [(name, f.name, value) for name, command in COMMANDS.items()
+                for f in (f for group in command.groups for f in fields(group) if f.name in command.options())
+                for value in config_bad_values(f, typing.get_type_hints(command.options()[f.name])[f.name])]
+
+
+@pytest.mark.parametrize(("command", "option", "value"), CONFIG_CASES,
+                         ids=[f"{c}-{o}-{json.dumps(v)}" for c, o, v in CONFIG_CASES])
+def test_every_option_from_a_config_file_is_checked_as_on_the_command_line(command, option, value, tiny_dir,
+                                                                          tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({option: value}))
+    err = refused([*command_line(command, tiny_dir, tmp_path), "--config", str(config)], tmp_path, capsys)
+    assert "--" + option.replace("_", "-") in err
+
+
+def test_a_list_where_one_value_belongs_names_the_sweep_option(tiny_dir, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("sparsity: [0.2, 0.3]\n")
+    err = refused(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--config",
+                   str(tmp_path / "c.yaml")], tmp_path, capsys)
+    assert err == "diet: error: --sparsity takes one value, not a list: got [0.2, 0.3] (diet sweep " \
+                  "--sparsities takes several)"
+
+
+def test_one_value_for_a_list_option_is_a_list_of_one():
+    from dietprune.settings import CalibrationSettings
+
+    assert CalibrationSettings(tasks="rte", calibration="a.txt").tasks == ("rte",)
+    assert CalibrationSettings(tasks=["rte", "boolq"]).tasks == ("rte", "boolq")
 
 
 def test_the_walk_covers_the_count_and_limit_options():
@@ -130,7 +190,10 @@ def test_config_errors_are_one_line(tiny_dir, tmp_path, capsys):
              "other.yaml": ("limit: 3\n", "option 'limit' does not apply to diet prune"),
              "range.yaml": ("samples: 0\n", "--samples must be a positive integer, got 0"),
              "kind.yaml": ("samples: many\n", "--samples must be a positive integer, got 'many'"),
-             "broken.yaml": ("sparsity: [0.3\n", "is not valid YAML"),
+             "broken.yaml": ("sparsity: [0.3\n", "is not valid YAML: expected ',' or ']', but got "
+                             "'<stream end>' (line 2, column 1)"),
+             "model.yaml": ("model: [a, b]\n", "model must be a model directory, .gguf file, hub id or "
+                            "embedded name, got ['a', 'b']"),
              "broken.json": ("{\"sparsity\": ", "is not valid JSON"),
              "list.yaml": ("- 1\n- 2\n", "must hold a mapping")}
     for name, (content, message) in cases.items():

@@ -4,6 +4,7 @@ rebuilds the mask, user lm-eval task YAMLs, and lm-eval tasks by name."""
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet
@@ -55,17 +56,31 @@ def test_a_task_column_splits_a_table_into_tasks(files, suffix):
     assert [t.name for t in single] == ["tickets"] and len(single[0].rows) == 12
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("", "holds no rows"),
-    ('{"text": "a b"}\n{"body": "c"}\n', "row 1 has no 'text' field (it has body)"),
-    ('{"text": ""}\n', "has no non-empty 'text' texts"),
-    ('["not", "an object"]\n', "line 1 is not a JSON object"),
-    ("{broken\n", "cannot be read"),
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("bad.jsonl", "", "holds no rows"),
+    ("bad.jsonl", '{"text": "a b"}\n\n{"body": "c"}\n', "line 3 has no 'text' field (it has body)"),
+    ("bad.jsonl", '{"text": ""}\n', "has no non-empty 'text' texts"),
+    ("bad.jsonl", '["not", "an object"]\n', "line 1 is not a JSON object"),
+    ("bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": "c" "d"}\n',
+     "line 3 is not valid JSON (Expecting ',' delimiter, column 14)"),  # the file's line, not the parser's
+    ("bad.jsonl", '{"text": "a"}\n{"text": 5}\n', "line 2's 'text' is int, not text"),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', "line 2 is not UTF-8 text (byte 0xff)"),
+    ("bad.csv", "text\na\nb" + "c" * 200_000 + "\n", "line 3: field larger than field limit"),
+    ("bad.parquet", "not parquet", "is not a readable Parquet file"),
+    ("bad.json", "{}", "unknown format '.json'; give one of .txt, .jsonl, .csv, .parquet"),
 ])
-def test_bad_calibration_files_are_one_line(tmp_path, content, message):
-    (tmp_path / "bad.jsonl").write_text(content)
-    with pytest.raises(DietError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        read_source(str(tmp_path / "bad.jsonl"))
+def test_bad_calibration_files_are_one_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DietError, match=re.escape(message)):
+        read_source(str(path))
+
+
+def test_a_calibration_path_that_is_a_folder_or_missing(tmp_path):
+    with pytest.raises(DietError, match=f"calibration file {re.escape(str(tmp_path))} is a folder"):
+        read_source(str(tmp_path))
+    with pytest.raises(DietError, match="calibration file not found: .*missing.jsonl"):
+        read_source(str(tmp_path / "missing.jsonl"))
 
 
 def test_prune_on_own_files_and_a_task_together(tiny_dir, files, tmp_path, capsys):
@@ -183,8 +198,27 @@ def test_lm_eval_tasks_beyond_the_eight_agree_with_lm_eval(task):
     from dietprune.lm_eval_bridge import evaluate_lm_eval
     from dietprune.models.load import load_model
 
-    model, tokenizer, _ = load_model(None)
+    loaded = load_model(None)
+    model, tokenizer = loaded.model, loaded.tokenizer
     ours = evaluate(model, tokenizer, [task], 40, progress=False)["tasks"][task]
     theirs = evaluate_lm_eval(model, tokenizer, [task], 40)["tasks"][task]
     assert ours["ids"] == theirs["ids"] and ours["n"] == 40
     assert ours["preds"] == theirs["preds"] and ours["preds_norm"] == theirs["preds_norm"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("task: quiz\ndoc_to_text: [unclosed\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' "
+                                             "(line 3, column 1)"),
+    ("- a list\n", "holds list, not a mapping of lm-eval task options"),
+    ("include: _missing.yaml\ntask: quiz\n", "includes _missing.yaml, which is not there"),
+])
+def test_task_yamls_in_an_include_path_are_checked(tmp_path, content, message):
+    from dietprune.tasks.harness import check_include_paths
+
+    folder = tmp_path / "tasks" / "nested"
+    folder.mkdir(parents=True)
+    (folder / "ok.yaml").write_text("task: ok\ndoc_to_text: !function utils.doc_to_text\n")
+    check_include_paths((str(tmp_path / "tasks"),))  # lm-eval's !function tag is YAML it reads
+    (folder / "quiz.yaml").write_text(content)
+    with pytest.raises(DietError, match=re.escape(f"task YAML {folder / 'quiz.yaml'} {message}")):
+        check_include_paths((str(tmp_path / "tasks"),))

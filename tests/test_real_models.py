@@ -22,7 +22,8 @@ LOGIT_TOLERANCE = 1e-2
 
 @pytest.fixture(scope="module", params=sorted(KEPT))
 def real(request):
-    model, tokenizer, _ = load_model(request.param)
+    loaded = load_model(request.param)
+    model, tokenizer = loaded.model, loaded.tokenizer
     keep = torch.randperm(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     return model, tokenizer, keep[: KEPT[request.param]]
 

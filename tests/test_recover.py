@@ -85,3 +85,38 @@ def test_in_place_recovery_lives_in_the_dense_memory_and_gives_the_same_model(mo
     assert all(torch.equal(copied[k], in_place[k]) for k in copied)
     matrices = [p for p in pruned.model.layers.parameters() if p.dim() == 2]
     assert matrices and all(p.data_ptr() in memory for p in matrices)
+
+
+def test_the_blocked_cholesky_solves_in_place_what_lapack_solves():
+    """The writer's m x m system is factorised over itself, a block at a time (no second m x m matrix):
+    the same factor and solution as LAPACK's; a singular system is one line."""
+    from dietprune.errors import DietError
+    from dietprune.recover import _cholesky, _solve
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 200, dtype=torch.float64)
+    system = x.T @ x + 0.1 * torch.eye(200, dtype=torch.float64)
+    rhs = torch.randn(200, 7, dtype=torch.float64)
+    memory = system.clone()
+    factor = _cholesky(memory, block=64)
+    assert factor.data_ptr() == memory.data_ptr()
+    assert torch.allclose(factor.tril(), torch.linalg.cholesky(system), atol=1e-10)
+    assert torch.allclose(_solve(factor, rhs), torch.linalg.solve(system, rhs), atol=1e-9)
+    with pytest.raises(DietError, match="singular"):
+        _cholesky(torch.zeros(70, 70, dtype=torch.float64), block=64)
+
+
+def test_generic_text_joins_the_recovery_set(isolated_cache):
+    """--recover-generic N adds the first N LAMBADA passages (never evaluated: perplexity reads the last
+    256) to the texts the refit matches, and records them as used."""
+    import dietprune
+
+    options = dict(sparsity=0.25, samples=4, tasks=("rte",), recover_samples=2)
+    plain = dietprune.prune(tiny_model("llama"), tiny_tokenizer(), **options)
+    mixed = dietprune.prune(tiny_model("llama"), tiny_tokenizer(), recover_generic=3, **options)
+    assert mixed.record["recovery"]["tasks"]["lambada"]["ids"] == ["0", "1", "2"]
+    assert mixed.record["calibration"]["lambada"]["ids"] == ["0", "1", "2"]
+    assert "lambada" not in plain.record["recovery"]["tasks"]
+    assert plain.record["kept_dims"] == mixed.record["kept_dims"]
+    weight = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(plain.model.state_dict()[weight], mixed.model.state_dict()[weight])

@@ -6,6 +6,9 @@
     results = dietprune.evaluate(pruned, limit=100)
 """
 
+import sys
+from types import ModuleType
+
 from dietprune.version import __version__
 
 _API = ("load", "profile", "prune", "save", "evaluate", "run")
@@ -18,3 +21,16 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     raise AttributeError(f"module 'dietprune' has no attribute {name!r}")
+
+
+class _Package(ModuleType):
+    """The package, whose `profile` and `evaluate` stay the API functions: importing the submodules of
+    those names (which the API does) would otherwise set them as the package's attributes, in place of
+    the functions (`from dietprune.evaluate import ...` still finds the submodule)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name in _API and isinstance(value, ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

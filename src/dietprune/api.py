@@ -13,6 +13,7 @@ and every step reuses it:
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import weakref
@@ -29,6 +30,7 @@ from dietprune.errors import DietError
 from dietprune.evaluate import dtype_name, excluded_ids, perplexity
 from dietprune.evaluate import evaluate as evaluate_tasks
 from dietprune.io import atomic_dir, cache_root, check_output_path, commit_dir
+from dietprune.merge import kept_width_record
 from dietprune.methods import get_method
 from dietprune.models.edit import count_params
 from dietprune.models.load import RECORD, Loaded, load_model, resolve, stored_dtype, weight_bytes
@@ -48,9 +50,11 @@ from dietprune.settings import (
     route,
 )
 from dietprune.tasks.sources import pinned
+from dietprune.validate import validate
 from dietprune.version import __version__
 
 FORMAT = "dietprune.model/2"
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -68,18 +72,19 @@ def load(spec: str | None = None, runtime: RuntimeSettings | None = None) -> Loa
 
 
 def profile(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *,
-            calibration: CalibrationSettings | None = None, runtime: RuntimeSettings | None = None,
+            calibration_settings: CalibrationSettings | None = None, runtime: RuntimeSettings | None = None,
             **options) -> tuple[dict[str, ActivationStats], dict]:
     """Per task, the activation statistics of its calibration samples (at the site `diet prune` would
     profile), and the provenance a score file records with them (model, fingerprint, settings, the
     sample ids)."""
     calibration, runtime = settings_for(options, CalibrationSettings, RuntimeSettings,
-                                        given=(calibration, runtime), command="profile")
+                                        given=(calibration_settings, runtime), command="profile")
+    validate(model, calibration, runtime, prunes=[(PruneSettings(), calibration)])
     plan, loaded = _planned(model, tokenizer, PruneSettings(), calibration, runtime)
     used: dict[str, dict] = {}
     weights = Weights(loaded.model, plan.device, plan.dtype, loaded.checkpoint)
     stats = calibrate(weights, loaded.tokenizer, plan, used).tasks
-    meta = {"model": loaded.name, "model_fingerprint": model_fingerprint(loaded.model, loaded.checkpoint),
+    meta = {"model": loaded.name, "model_fingerprint": model_fingerprint(weights),
             "hidden_size": loaded.model.config.hidden_size, "settings": plan.calibration.to_dict(),
             "tasks": used, "versions": versions()}
     return stats, meta
@@ -103,11 +108,9 @@ def _planned(model: str | PreTrainedModel | Loaded | None, tokenizer, settings: 
     if isinstance(model, (PreTrainedModel, Loaded)):
         loaded = _loaded(model, tokenizer)
         dense = loaded.model
-        device = execution_device(dense.get_input_embeddings()) if runtime.device == "auto" else \
-            resolve_device(runtime.device)
-        dtype = next(p.dtype for p in dense.parameters())
         plan = make_plan(dense.config, settings, calibration, replace(runtime, weights="load"),
-                         loaded.stored_dtype, device=device, dtype=dtype, score_site=score_site)
+                         loaded.stored_dtype, home=execution_device(dense.get_input_embeddings()),
+                         dtype=next(p.dtype for p in dense.parameters()), score_site=score_site)
         return plan, loaded
     source = resolve(model)
     local = Path(source.path)
@@ -132,7 +135,7 @@ def settings_for(options: dict, *groups: type[Settings], given: tuple[Settings |
 
 
 def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *,
-          settings: PruneSettings | None = None, calibration: CalibrationSettings | None = None,
+          settings: PruneSettings | None = None, calibration_settings: CalibrationSettings | None = None,
           runtime: RuntimeSettings | None = None, scores: Path | None = None, in_place: bool = False,
           staging: Path | None = None, **options) -> Pruned:
     """Prune `model` (a name, or a loaded model and its tokenizer) and return the smaller model.
@@ -144,12 +147,15 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
     (the model given is destroyed); otherwise it stays as it was. A streamed prune (`--weights stream`)
     writes the pruned model into `staging` (default: a temporary folder) instead of memory."""
     started = time.perf_counter()
+    groups = (settings, calibration_settings, runtime)
     settings, calibration, runtime = settings_for(options, PruneSettings, CalibrationSettings,
-                                                  RuntimeSettings, given=(settings, calibration, runtime))
+                                                  RuntimeSettings, given=groups)
     score_file = load_scores(scores) if scores is not None else None
     if score_file is not None and get_method(settings.method).kind == "structural":
         raise DietError(f"{settings.method} chooses its own structure, not a mask of hidden dims: "
                         "--scores does not apply")
+    validate(model, calibration, runtime, prunes=[(settings, calibration)],
+             scores=score_file[1] if score_file else None)
     score_site = score_file[1]["settings"].get("site") if score_file else None  # where they were profiled
     plan, loaded = _planned(model, tokenizer, settings, calibration, runtime, score_site)
     dense = loaded.model
@@ -163,6 +169,10 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
               "settings": plan.calibration.to_dict() | {"calibration": pinned_sources}
               | plan.settings.to_dict() | runtime.to_dict(),
               "kept_width_step": plan.step}
+    if plan.method.kind == "hidden":  # a structural method chooses its own widths
+        record["width"] = kept_width_record(dense.config, plan.settings.sparsity, plan.settings.round_to)
+        if record["width"]["lost"]:
+            log.warning("%s", record["width"]["why"])
     if plan.stream and staging is None:
         staging = _staging()
     result, done = execute(plan, loaded, score_file, in_place, staging)
@@ -213,14 +223,16 @@ def _write_checkpoint(pruned: Pruned, directory: Path, record: dict) -> None:
 
 
 def evaluate(model: str | PreTrainedModel | Loaded | Pruned | None = None, tokenizer=None, *,
-             settings: EvalSettings | None = None, calibration: CalibrationSettings | None = None,
+             settings: EvalSettings | None = None, calibration_settings: CalibrationSettings | None = None,
              runtime: RuntimeSettings | None = None, **options) -> dict:
     """Zero-shot accuracy on the calibration tasks and the held-out ones, never on calibration examples
     (those a pruned model records, and the default subsets), plus perplexity on held-out text.
 
     backend "dietprune" is our fast evaluator; "lm-eval" runs lm-evaluation-harness on the same examples."""
     settings, calibration, runtime = settings_for(options, EvalSettings, CalibrationSettings, RuntimeSettings,
-                                                  given=(settings, calibration, runtime), command="eval")
+                                                  given=(settings, calibration_settings, runtime),
+                                                  command="eval")
+    validate(model, calibration, runtime, evaluation=settings)
     if isinstance(model, Pruned):
         if model.checkpoint is not None:  # streamed: evaluated from its files like any model directory
             loaded = replace(load(str(model.checkpoint.directory), runtime), name="pruned",
@@ -243,7 +255,8 @@ def evaluate(model: str | PreTrainedModel | Loaded | Pruned | None = None, token
         results = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, settings.limit, exclude,
                                  settings.eval_batch_size, source=source, include_path=include_path)
         if settings.perplexity:
-            results["perplexity"] = perplexity(loaded.model, loaded.tokenizer, progress=True)
+            results["perplexity"] = perplexity(loaded.model, loaded.tokenizer,
+                                               passages=settings.perplexity_passages, progress=True)
     for task, result in results["tasks"].items():
         if set(result["ids"]) & exclude.get(task, set()):
             raise DietError(f"{task}: evaluation examples overlap the calibration examples")
@@ -253,30 +266,38 @@ def evaluate(model: str | PreTrainedModel | Loaded | Pruned | None = None, token
 
 
 def run(model: str | None, out: Path, prune_settings: PruneSettings | None = None,
-        calibration: CalibrationSettings | None = None, eval_settings: EvalSettings | None = None,
+        calibration_settings: CalibrationSettings | None = None, eval_settings: EvalSettings | None = None,
         runtime: RuntimeSettings | None = None, overwrite: bool = False) -> dict:
     """The main job: evaluate the dense model, prune it (in its own memory when nothing needs the dense
     weights afterwards), evaluate the pruned model on the same examples, and write the checkpoint and
     a report under `out`."""
     prune_settings = prune_settings or PruneSettings()
-    calibration, eval_settings = calibration or CalibrationSettings(), eval_settings or EvalSettings()
+    calibration = calibration_settings or CalibrationSettings()
+    eval_settings = eval_settings or EvalSettings()
     runtime = runtime or RuntimeSettings()
     local = Path(model).expanduser() if model else None
     check_output_path(out, overwrite, protected=(local,) if local and local.exists() else ())
+    validate(model, calibration, runtime, prunes=[(prune_settings, calibration)], evaluation=eval_settings)
     loaded = load(model, runtime)
-    dense_results = evaluate(loaded, settings=eval_settings, calibration=calibration)
+    dense_results = evaluate(loaded, settings=eval_settings, calibration_settings=calibration)
     compared = {}
     paper = replace(prune_settings, recover="none")
     site = resolve_site(calibration.site, resolve_recover(get_method(prune_settings.method),
                                                           prune_settings.recover))
     if prune_settings.method == "diet" and (prune_settings, site) != (paper, "block_output"):
-        paper_model = prune(loaded, settings=paper, calibration=replace(calibration, site="block_output"),
+        plan = _planned(loaded, None, prune_settings, calibration, runtime)[0]  # both sites in one pass
+        weights = Weights(loaded.model, plan.device, plan.dtype)
+        calibrate(weights, loaded.tokenizer, plan, {}, also=("block_output",))
+        paper_model = prune(loaded, settings=paper,
+                            calibration_settings=replace(calibration, site="block_output"),
                             runtime=runtime)  # the paper's DIET at the same K, beside the configured one
-        compared["paper DIET"] = evaluate(paper_model, settings=eval_settings, calibration=calibration)
+        compared["paper DIET"] = evaluate(paper_model, settings=eval_settings,
+                                          calibration_settings=calibration)
         del paper_model
-    pruned = prune(loaded, settings=prune_settings, calibration=calibration, runtime=runtime, in_place=True)
+    pruned = prune(loaded, settings=prune_settings, calibration_settings=calibration, runtime=runtime,
+                   in_place=True)
     del loaded
-    pruned_results = evaluate(pruned, settings=eval_settings, calibration=calibration)
+    pruned_results = evaluate(pruned, settings=eval_settings, calibration_settings=calibration)
     pruned_results["model"] = str(out / "pruned")
     compared[_label(pruned.record) if compared else "pruned"] = pruned_results
     summary = {"prune": {k: v for k, v in pruned.record.items() if k != "kept_dims"},

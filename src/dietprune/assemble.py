@@ -9,7 +9,7 @@ model whose weights exceed host memory is pruned from its files into its output 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,9 @@ from dietprune.progress import progress
 from dietprune.sequential import Weights, has_meta
 
 State = dict[str, torch.Tensor]
+ROWS = 1 << 14  # vocabulary rows per block of a streamed embedding or head
+FLUSH_BYTES = 256 << 20  # a streamed prune's shard is written once it holds this much: the host copies
+# of a block in the saved dtype stay below a few hundred MB (a whole 70B block would be 1.4 GB)
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class MemorySink:
     memory (recovery: the dense model is destroyed, memory holds one model plus one block)."""
 
     def __init__(self, config, dtype: torch.dtype, into_dense: bool = False):
-        self.model = meta_model(config, dtype)
+        self.model, self.dtype = meta_model(config, dtype), dtype
         self.layers = self.model.get_submodule(adapter_for(config).layers)
         self.into_dense = into_dense
 
@@ -82,13 +85,13 @@ class FileSink:
         self.directory, self.dtype, self.generation = Path(directory), dtype, generation
         self.pruned_config = config
         self.config, transform, self.saved_as = serving_form(config)
-        self.writer = CheckpointWriter(self.directory, dtype, transform, shard_bytes=0)  # a shard per block
+        self.writer = CheckpointWriter(self.directory, dtype, transform, shard_bytes=FLUSH_BYTES)
         self.layers = adapter_for(config).layers
 
     def block(self, index: int, state: State, dense: nn.Module | None = None) -> None:
         for name, tensor in state.items():
             self.writer.add(f"{self.layers}.{index}.{name}", tensor)
-        self.writer._flush()
+        self.writer.flush()  # shards never straddle blocks
 
     def rest(self, name: str, tensor: torch.Tensor) -> None:
         self.writer.add(name, tensor)
@@ -112,8 +115,29 @@ def assemble(weights: Weights, edit: Edit, sink: Sink, desc: str = "slice") -> N
             if state is not None:
                 sink.block(new_index, state, layer)
                 new_index += 1
+            del state  # a streamed block's tensors go with the block, before the next one is read
+    apply_rest(weights, edit, sink)
+
+
+def apply_rest(weights: Weights, edit: Edit, sink: Sink,
+               then: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """`edit.rest` on every tensor outside the blocks (`then` after it, e.g. a refit), into `sink`. A
+    streamed vocabulary-sized matrix is edited a block of rows at a time (so `rest` must act on rows
+    independently, as slicing columns and rotating rows do) into one tensor in the saved dtype."""
     for name, tensor in rest_tensors(weights, edit.config):
-        sink.rest(name, edit.rest(name, tensor))
+        if isinstance(tensor, Rows):
+            out, start = None, 0
+            for rows in tensor.chunks():
+                rows = edit.rest(name, rows).to("cpu", sink.dtype)
+                if out is None:
+                    out = torch.empty(tensor.count, *rows.shape[1:], dtype=rows.dtype)
+                out[start:start + len(rows)] = rows
+                start += len(rows)
+            sink.rest(name, out)
+            del out  # written: not held while the next matrix is read
+            continue
+        tensor = edit.rest(name, tensor)
+        sink.rest(name, then(name, tensor) if then else tensor)
 
 
 def applied(model: PreTrainedModel, edit: Edit, desc: str = "edit") -> PreTrainedModel:
@@ -160,9 +184,18 @@ def save_model(weights: Weights, directory: Path, dtype: torch.dtype) -> dict | 
     return note
 
 
-def rest_tensors(weights: Weights, config):
+@dataclass(frozen=True)
+class Rows:
+    """A streamed vocabulary-sized matrix: `count` rows, read a block at a time by `chunks()`."""
+
+    count: int
+    chunks: Callable[[], Iterator[torch.Tensor]]
+
+
+def rest_tensors(weights: Weights, config) -> Iterator[tuple[str, torch.Tensor | Rows]]:
     """(name, tensor) of every tensor outside the blocks, one module onloaded at a time; a head tied to
-    the embedding (in the pruned `config`) is the embedding's, so it is skipped."""
+    the embedding (in the pruned `config`) is the embedding's, so it is skipped. A streamed embedding or
+    head comes as `Rows`."""
     model, prefix = weights.model, weights.adapter.layers + "."
     tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
     for name, module in model.named_modules():
@@ -170,6 +203,10 @@ def rest_tensors(weights: Weights, config):
             continue
         own = [k for k in module.state_dict(keep_vars=True) if "." not in k]
         if not own or (tied and name == weights.head):
+            continue
+        if name in (weights.embedding, weights.head) and weights.streamed(name) and own == ["weight"]:
+            key = f"{name}.weight"
+            yield key, Rows(module.weight.shape[0], lambda key=key: weights.rows(key, ROWS))
             continue
         with weights.onloaded(name) as onloaded:
             state = onloaded.state_dict()

@@ -58,7 +58,7 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def measure(path: str, repeats: int = 3, dtype: str = "auto", device: str = "auto") -> dict:
+def measure(path: str, repeats: int, dtype: str, device: str) -> dict:
     """Throughputs and peak memory of one model (run in a fresh process)."""
     from dietprune.models.load import load_model
 
@@ -88,7 +88,7 @@ def measure(path: str, repeats: int = 3, dtype: str = "auto", device: str = "aut
     return result
 
 
-def measure_in_subprocess(path: str, repeats: int = 3, dtype: str = "auto", device: str = "auto") -> dict:
+def measure_in_subprocess(path: str, repeats: int, dtype: str, device: str) -> dict:
     """`measure` in a fresh Python process, so that its peak memory is this model's alone."""
     resolve(path)  # a missing or foreign model is refused here, in one line
     resolve_device(device)
@@ -109,7 +109,7 @@ def speedups(dense: dict, pruned: dict) -> dict:
     return result
 
 
-def bench(dense: str, pruned: str, repeats: int = 3, dtype: str = "auto", device: str = "auto") -> dict:
+def bench(dense: str, pruned: str, repeats: int, dtype: str, device: str) -> dict:
     """Measure both models in subprocesses; speedups measured, ideal (FLOP ratio) and their quotient."""
     d = measure_in_subprocess(dense, repeats, dtype, device)
     p = measure_in_subprocess(pruned, repeats, dtype, device)

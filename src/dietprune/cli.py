@@ -79,7 +79,10 @@ def _settings(command: Command, args: argparse.Namespace) -> dict[type[Settings]
     options = command.options()
     values = read_config(args.config) if args.config else {}
     if command.model and "model" in values:  # the model a config names, unless one is given
-        configured = str(values.pop("model"))
+        configured = values.pop("model")
+        if not isinstance(configured, str):
+            raise DietError(f"config {args.config}: model must be a model directory, .gguf file, hub id or "
+                            f"embedded name, got {configured!r}")
         args.model = args.model or configured
     for name in values:
         if name not in options:
@@ -119,7 +122,7 @@ def cmd_profile(args, settings) -> None:
     from dietprune.scores import save_scores
 
     check_output_path(args.out, args.overwrite)
-    stats, meta = profile(args.model, calibration=settings[CalibrationSettings],
+    stats, meta = profile(args.model, calibration_settings=settings[CalibrationSettings],
                           runtime=settings[RuntimeSettings])
     if not is_main_process():
         return
@@ -141,7 +144,7 @@ def cmd_prune(args, settings) -> None:
     staging = args.out.parent / f".{args.out.name}.{os.getpid()}.blocks.tmp"  # a streamed prune writes here
     try:
         pruned = prune(args.model, settings=settings[PruneSettings],
-                       calibration=settings[CalibrationSettings], runtime=settings[RuntimeSettings],
+                       calibration_settings=settings[CalibrationSettings], runtime=settings[RuntimeSettings],
                        scores=args.scores, in_place=True, staging=staging)
         if not is_main_process():  # data-parallel profiling: every process got the same mask; one saves
             return
@@ -160,7 +163,8 @@ def cmd_eval(args, settings) -> None:
     if args.out:
         for path in (args.out, args.out.with_suffix(".md")):
             check_output_path(path, args.overwrite)
-    results = evaluate(args.model, settings=settings[EvalSettings], calibration=settings[CalibrationSettings],
+    results = evaluate(args.model, settings=settings[EvalSettings],
+                       calibration_settings=settings[CalibrationSettings],
                        runtime=settings[RuntimeSettings])
     table = markdown_table(results)
     if args.out:
@@ -201,9 +205,12 @@ def cmd_sweep(args, settings) -> None:
 def cmd_bench(args, settings) -> None:
     from dietprune.bench import bench, table
     from dietprune.io import check_output_path, write_json_atomic
+    from dietprune.models.load import resolve
 
     if args.out:
         check_output_path(args.out, args.overwrite)
+    for model in (args.dense, args.pruned):  # both found before either is measured
+        resolve(model)
     runtime = settings[RuntimeSettings]
     result = bench(args.dense, args.pruned, settings[BenchSettings].repeats, runtime.dtype, runtime.device)
     if args.out:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +67,45 @@ def offload_folder() -> Path:
     folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
     atexit.register(shutil.rmtree, folder, True)
     return folder
+
+
+def machine() -> dict:
+    """What a measurement ran on: the CPU's model, its ISA level (the widest vector extension and whether
+    it has native bf16), cores and torch's threads (and the ISA torch was told to use), and the GPU."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", info))
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    return {"cpu": model[1] if model else "unknown", "isa": isa,
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch_isa": os.environ.get("ATEN_CPU_CAPABILITY") or "default",
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__}
+
+
+def cpu_matmul_ratio(dtype: torch.dtype) -> float:
+    """How many times slower a matrix product runs in `dtype` than in float32 on this CPU: measured once
+    (about 0.1 s) and cached per CPU, torch version and ISA setting. Without native bf16 units (AVX-512
+    BF16, AMX) torch emulates bfloat16: 40x slower was measured on a 2-core AVX2 EPYC."""
+    key = "|".join([machine()["cpu"], torch.__version__, str(dtype), str(torch.get_num_threads()),
+                    os.environ.get("ATEN_CPU_CAPABILITY", ""), os.environ.get("ONEDNN_MAX_CPU_ISA", "")])
+    cache = cache_root() / "cpu_speed.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in known:
+        seconds = {}
+        for each in (torch.float32, dtype):
+            a = torch.randn(256, 256).to(each)
+            a @ a  # warm-up
+            started = time.perf_counter()
+            for _ in range(8):
+                a @ a
+            seconds[each] = time.perf_counter() - started
+        known[key] = seconds[dtype] / seconds[torch.float32]
+        with contextlib.suppress(OSError):  # a cache that cannot be written is measured again next time
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known))
+    return known[key]
 
 
 def free_memory(device: torch.device) -> int:

@@ -102,6 +102,7 @@ def perplexity(
     model,
     tokenizer,
     texts: Sequence[str] | None = None,
+    passages: int = PERPLEXITY_PASSAGES,
     max_length: int = 512,
     batch_size: int = 8,
     dtype: torch.dtype | None = None,
@@ -109,14 +110,17 @@ def perplexity(
 ) -> dict:
     """Token-level perplexity exp(mean NLL) over `texts`, each truncated to `max_length` tokens.
 
-    The default corpus is offline and held out from all calibration: the last `PERPLEXITY_PASSAGES`
-    LAMBADA test passages (book prose; see `lambada_passages`). Each text is encoded with the tokenizer's
-    default special tokens and scored on its own; the first token is never predicted.
+    The default corpus is offline and held out from all calibration: the last `passages` (at most
+    `PERPLEXITY_PASSAGES`) LAMBADA test passages (book prose; see `lambada_passages`). Each text is
+    encoded with the tokenizer's default special tokens and scored on its own; the first token is never
+    predicted.
     """
+    started = time.perf_counter()
     corpus = "lambada" if texts is None else "custom"
-    texts = [t for _, t in lambada_passages()[-PERPLEXITY_PASSAGES:]] if texts is None else list(texts)
+    texts = [t for _, t in lambada_passages()[-min(passages, PERPLEXITY_PASSAGES):]] if texts is None \
+        else list(texts)
     ids = [t[:max_length] for t in tokenizer(texts)["input_ids"]]
     total = sum(continuation_logprobs(model, tokenizer, ids, batch_size, dtype, progress, "perplexity"))
     tokens = sum(len(t) - 1 for t in ids)
     return {"perplexity": math.exp(-total / tokens), "corpus": corpus, "texts": len(texts), "tokens": tokens,
-            "max_length": max_length}
+            "max_length": max_length, "seconds": round(time.perf_counter() - started, 1)}

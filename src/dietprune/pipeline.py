@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -89,6 +89,8 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
         if plan.parts:
             started = time.perf_counter()
             corpora = [c.head(plan.settings.recover_samples) for c in task_corpora(plan.calibration)]
+            if plan.settings.recover_generic:
+                corpora.append(generic_corpus(plan.settings.recover_generic))
             _record_used(used, corpora)
             out = sink(config, into_dense=in_place)
             recover(weights, tokenizer, corpora, keep, plan.parts, plan.settings.recover_alpha, plan.batching,
@@ -109,26 +111,32 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
                              "params_after": count_params(shape), "seconds_by_stage": stages}
 
 
-def calibrate(weights: Weights, tokenizer, plan: Plan, used: dict[str, dict]) -> Seen:
+def calibrate(weights: Weights, tokenizer, plan: Plan, used: dict[str, dict], also: tuple[str, ...] = ()
+              ) -> Seen:
     """What a hidden-dim method needs, in one pass over the blocks: each task's (and generic text's)
     activation statistics, taken from the profile cache where they are there, and the weights'
-    magnitudes. Records every corpus used in `used`."""
+    magnitudes. Records every corpus used in `used`. `also`: other sites profiled (and cached) in the
+    same pass, for a prune that follows (`diet run`'s paper DIET beside the default)."""
     needs, settings = plan.method.needs, plan.calibration
     seen = Seen(weights.model.config.hidden_size)
     corpora = task_corpora(settings) if "tasks" in needs else []
     if "generic" in needs:
         corpora.append(generic_corpus(settings.samples * len(settings.tasks)))
-    fingerprint = model_fingerprint(weights.model, weights.checkpoint) if corpora else ""
-    paths = {c.name: cache_path(fingerprint, c, settings) for c in corpora}
-    stats = {c.name: cached for c in corpora if (cached := cached_stats(paths[c.name], c.name)) is not None}
+    fingerprint = model_fingerprint(weights) if corpora else ""
+    sites = (settings.site, *(site for site in also if site != settings.site))
+    paths = {(c.name, site): cache_path(fingerprint, c, replace(settings, site=site)) for c in corpora
+             for site in sites}
+    stats = {c.name: cached for c in corpora
+             if (cached := cached_stats(paths[c.name, settings.site], c.name)) is not None}
     missing = [c for c in corpora if c.name not in stats]
     magnitude = [Magnitude(weights)] if "magnitude" in needs else []
     if missing:
-        found = profile(weights, tokenizer, missing, settings.site, plan.batching, tuple(magnitude),
+        found = profile(weights, tokenizer, missing, sites, plan.batching, tuple(magnitude),
                         desc=f"profile {len(missing)} task{'s' * (len(missing) > 1)}")
-        for corpus, corpus_stats in zip(missing, found, strict=True):
-            stats[corpus.name] = corpus_stats
-            store_stats(paths[corpus.name], corpus.name, corpus_stats)
+        for site, per_corpus in found.items():
+            for corpus, corpus_stats in zip(missing, per_corpus, strict=True):
+                store_stats(paths[corpus.name, site], corpus.name, corpus_stats)
+        stats |= {corpus.name: s for corpus, s in zip(missing, found[settings.site], strict=True)}
     elif magnitude:  # a weights-only pass
         observe(weights, Stream([], [], [], [], weights.device), magnitude, "magnitude")
     if magnitude:

@@ -5,19 +5,20 @@ Each `auto` has one rule, here:
   site      block_output for a plain slice (the paper's), norm_output when a refit follows (RESULTS.md);
             a score file's own site when the scores are given;
   device    CUDA when torch sees a GPU (under torchrun, the process's LOCAL_RANK GPU), else the CPU;
-            an in-memory model computes where it is;
+            a model already in memory computes where it is;
   dtype     bfloat16 on a GPU, float32 on a CPU (exact and the same on every CPU; bfloat16 is fast only
             on CPUs with native bf16 units, and changes ~4% of the evaluator's predictions);
   save      the narrower of the dtype the source stores and the compute dtype: the checkpoint holds
             what was computed, in no more bytes than that (a GPU run of a float32 Gemma-2 saves bf16);
   weights   load the whole model onto the device when its weights take at most 80% of the device's
             free memory, else stream it from its checkpoint files one block at a time;
-  round_to  merge.kept_width_step;
+  round_to  merge.kept_width_step (K for llama.cpp's k-quants and vLLM's Marlin where within 2.5 points);
   batching  at most 4,096 padded tokens per calibration batch on a CPU, more on a GPU (by its memory).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,14 +26,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from dietprune.calibration import Batching
-from dietprune.device import free_memory
+from dietprune.device import cpu_matmul_ratio, free_memory
 from dietprune.errors import DietError
 from dietprune.merge import kept_width, kept_width_step
 from dietprune.methods import Method, get_method
 from dietprune.models.adapters import adapter_for
 from dietprune.settings import CalibrationSettings, PruneSettings, RuntimeSettings
 
+log = logging.getLogger(__name__)
 CPU_BATCH_TOKENS = 4096
+SLOW = 1.5  # a 16-bit dtype this many times slower than float32 on the CPU is warned about
 FIT_FRACTION = 0.8  # `weights auto` loads a model whose weights take at most this share of free memory
 
 
@@ -54,10 +57,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype the model is loaded and run in (`auto`: see the module doc)."""
+    """The dtype the model is loaded and run in (`auto`: see the module doc). A 16-bit dtype asked for on a
+    CPU that runs it slowly (no native units) gets one warning line with the measured ratio."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    dtype = getattr(torch, name)
+    if device.type == "cpu" and dtype != torch.float32 and (ratio := cpu_matmul_ratio(dtype)) > SLOW:
+        log.warning("%s matrix products run %.0fx slower than float32 on this CPU (no native %s units); "
+                    "--dtype float32 (the CPU default) is faster here", name, ratio, name)
+    return dtype
 
 
 def save_dtype(name: str, stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
@@ -124,12 +132,12 @@ class Plan:
 
 
 def make_plan(config, settings: PruneSettings, calibration: CalibrationSettings, runtime: RuntimeSettings,
-              stored: torch.dtype, device: torch.device | None = None, dtype: torch.dtype | None = None,
+              stored: torch.dtype, home: torch.device | None = None, dtype: torch.dtype | None = None,
               weight_bytes: Callable[[torch.dtype], int] | None = None, score_site: str | None = None
               ) -> Plan:
-    """Resolve every option for a model of `config` whose checkpoint stores `stored`. `device` and
-    `dtype` are given for a model already in memory; `weight_bytes(dtype)` (its checkpoint's size in a
-    dtype) decides `weights auto` for a model still on disk."""
+    """Resolve every option for a model of `config` whose checkpoint stores `stored`. A model already in
+    memory gives `home` (where it computes) and its `dtype`; `weight_bytes(dtype)` (a checkpoint's size
+    in a dtype) decides `weights auto` for a model still on disk."""
     method = get_method(settings.method)
     settings = replace(settings, recover=resolve_recover(method, settings.recover))
     if method.kind == "structural" and settings.recover != "none":
@@ -137,9 +145,9 @@ def make_plan(config, settings: PruneSettings, calibration: CalibrationSettings,
                         "--recover does not apply")
     calibration = replace(calibration, site=score_site or resolve_site(calibration.site, settings.recover))
     adapter_for(config)
-    device = device if device is not None else resolve_device(runtime.device)
+    device = home if home is not None and runtime.device == "auto" else resolve_device(runtime.device)
     dtype = dtype if dtype is not None else compute_dtype(runtime.dtype, device)
-    step = kept_width_step(config, settings.round_to)
+    step = kept_width_step(config, settings.sparsity, settings.round_to)
     k = kept_width(config.hidden_size, settings.sparsity, step)
     stream = runtime.weights == "stream" or (runtime.weights == "auto" and weight_bytes is not None
                                              and weight_bytes(dtype) > FIT_FRACTION * free_memory(device))

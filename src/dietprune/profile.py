@@ -86,14 +86,16 @@ class Profile(Observer):
                                                                              strict=True)]
 
 
-def profile(weights: Weights, tokenizer, corpora: list[Corpus], site: str, batching: Batching,
-            extra: tuple[Observer, ...] = (), desc: str = "profile") -> list[ActivationStats]:
-    """Per corpus, the activation statistics at `site`: one sequential pass over the blocks with every
-    corpus's batches (this process's shard of them under torch.distributed). `extra` observers ride
-    along in the same pass (a method's weight statistics)."""
+def profile(weights: Weights, tokenizer, corpora: list[Corpus], sites: tuple[str, ...], batching: Batching,
+            extra: tuple[Observer, ...] = (), desc: str = "profile") -> dict[str, list[ActivationStats]]:
+    """Per site, per corpus, the activation statistics: one sequential pass over the blocks with every
+    corpus's batches (this process's shard of them under torch.distributed), every site tapped in it.
+    `extra` observers ride along in the same pass (a method's weight statistics)."""
     batches, groups = corpus_batches(tokenizer, corpora, batching, shard=True)
     stream = capture(weights, batches, groups)
-    observer = Profile(site, weights.model.config.hidden_size, len(weights.blocks), len(corpora),
-                       stream.storage if stream.storage.type != "cpu" else weights.device)
-    observe(weights, stream, [observer, *extra], desc)
-    return observer.result([stream.tokens(i) for i in range(len(corpora))])
+    where = stream.storage if stream.storage.type != "cpu" else weights.device
+    width, layers = weights.model.config.hidden_size, len(weights.blocks)
+    observers = {site: Profile(site, width, layers, len(corpora), where) for site in sites}
+    observe(weights, stream, [*observers.values(), *extra], desc)
+    tokens = [stream.tokens(i) for i in range(len(corpora))]
+    return {site: observer.result(tokens) for site, observer in observers.items()}

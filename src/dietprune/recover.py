@@ -15,7 +15,8 @@ writers (o_proj, down_proj rows; one system per writer over its input width): W'
     dense writer's output on the kept dims from the dense input z given the pruned input z':
         W' = W'_0 (C_zz' + lam I) (C_z'z' + lam I)^-1,   W'_0 = c W_K (the plain slice),
     accumulated as R = W'_0 C_zz' = sum_t c y_K z'^T (y = W z, the dense writer's output), so only one
-    m x m matrix exists; it is factorised in place (Cholesky: the system is symmetric positive definite).
+    m x m matrix exists; it is factorised over itself, by blocks (Cholesky: the system is symmetric
+    positive definite), and solved by two triangular solves.
 norms (the output norms of Gemma-2/3, one gain per dim): their input is normalised over K dims
     instead of d, so a kept dim's share of the energy decides its scale (measured on Gemma-3 270M at
     20%: as little as 21% of a writer's output energy stays, making that update 2.2x too large). Each
@@ -34,7 +35,7 @@ and each of its sub-blocks, stage by stage over all batches: (1) the norms' outp
 Gram matrices, and the readers are refit; (2) the dense module and the refit pruned module (stopped at
 its writer) give the writer's statistics, and the writer is refit; (3) the refit writer's outputs give
 the output norm's gains; (4) both streams advance. Each piece of the dense and of the pruned block runs
-once per batch (the norms twice), never the whole block once per refit. Memory holds the two streams,
+once per batch, never the whole block once per refit. Memory holds the two streams,
 one stage's intermediates and one block's statistics; the refit block goes to the sink (memory, the
 dense block's own memory, or the output files) before the next block is read.
 """
@@ -46,7 +47,7 @@ import math
 import torch
 from torch import nn
 
-from dietprune.assemble import Sink, rest_tensors
+from dietprune.assemble import Sink, apply_rest
 from dietprune.calibration import Batching, Corpus, corpus_batches
 from dietprune.errors import DietError
 from dietprune.models.adapters import SubBlock
@@ -88,11 +89,11 @@ def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tens
             to_meta(fit)
     head = _head_statistics(weights, dense, pruned, keep, alpha) if "head" in parts else None
     final = f"{adapter.final_norm}.weight"
-    for name, tensor in rest_tensors(weights, rest_edit.config):
-        tensor = rest_edit.rest(name, tensor)
-        if name == final and head is not None:
-            tensor = head(tensor, adapter.norm_offset, head_scale(model, k))
-        sink.rest(name, tensor)
+
+    def refit_final_norm(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return head(tensor, adapter.norm_offset, head_scale(model, k)) if name == final and head else tensor
+
+    apply_rest(weights, rest_edit, sink, refit_final_norm)
 
 
 def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, dense: Stream, pruned: Stream,
@@ -106,15 +107,15 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
     def rows(b: int, x: torch.Tensor) -> torch.Tensor:  # batch b's real tokens, float64
         return dense.real(b, x).double()
 
-    def inputs(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return norm(dense.hidden[b].to(device)), fit_norm(pruned.hidden[b].to(device))
+    normed = [norm(dense.hidden[b].to(device)) for b in batches]  # the sub-block's inputs, computed once
+    fit_normed = [fit_norm(pruned.hidden[b].to(device)) for b in batches]
 
     if "readers" in parts:  # (1) W' = (W C_nn' + lam W_K)(C_n'n' + lam I)^-1
         k, d = len(keep), dense.hidden[0].shape[-1]
         gram = torch.zeros(k, k, dtype=torch.float64, device=device)
         cross = torch.zeros(d, k, dtype=torch.float64, device=device)
         for b in batches:
-            n, n_fit = (rows(b, x) for x in inputs(b))
+            n, n_fit = rows(b, normed[b]), rows(b, fit_normed[b])
             gram.addmm_(n_fit.T, n_fit)
             cross.addmm_(n.T, n_fit)
         lam = _damp(gram, alpha)
@@ -127,11 +128,9 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
 
     # (2) dense outputs y (the writer's), pruned writer inputs z' (the refit module stopped at the writer)
     writer = fit.get_submodule(block.writer)
-    outputs, z_fit = [], []
-    for b in batches:
-        n, n_fit = inputs(b)
-        outputs.append(run_module(dense_layer, block, n, kwargs[b]))
-        z_fit.append(_writer_input(fit, block, n_fit, kwargs[b]))
+    outputs = [run_module(dense_layer, block, n, kwargs[b]) for b, n in enumerate(normed)]
+    z_fit = [_writer_input(fit, block, n_fit, kwargs[b]) for b, n_fit in enumerate(fit_normed)]
+    del normed, fit_normed
     if "writers" in parts:  # W' = (R + lam W'_0)(C_z'z' + lam I)^-1, R = sum c y_K z'^T = W'_0 C_zz'
         m = z_fit[0].shape[-1]
         gram = torch.zeros(m, m, dtype=torch.float64, device=device)
@@ -139,7 +138,7 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
         for b in batches:
             z = rows(b, z_fit[b])
             gram.addmm_(z.T, z)
-            cross.addmm_(c * rows(b, outputs[b])[:, keep].T, z)
+            cross.addmm_(c * dense.real(b, outputs[b])[:, keep].double().T, z)
         lam = _damp(gram, alpha)
         cross.add_(writer.weight.to(torch.float64), alpha=lam)
         factor = _cholesky(gram)
@@ -191,18 +190,33 @@ def _damp(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return lam
 
 
-def _cholesky(system: torch.Tensor) -> torch.Tensor:
-    """The Cholesky factor of a damped (symmetric positive definite) Gram matrix, written over it."""
+def _cholesky(system: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """The lower Cholesky factor L of a damped (symmetric positive definite) Gram matrix, written over its
+    lower triangle block by block (right-looking): no second m x m matrix is ever made (LAPACK through
+    torch copies the matrix first: 6.6 GB more at a 70B model's MLP width). Memory: one panel."""
+    n = len(system)
     try:
-        return torch.linalg.cholesky(system, out=system)
+        for j in range(0, n, block):
+            e = min(j + block, n)
+            system[j:e, j:e] = torch.linalg.cholesky(system[j:e, j:e])
+            if e == n:
+                break
+            panel = torch.linalg.solve_triangular(system[j:e, j:e].T, system[e:, j:e], upper=True, left=False)
+            system[e:, j:e] = panel
+            for i in range(e, n, block):  # the lower part of the trailing matrix, a block row at a time
+                end = min(i + block, n)
+                system[i:end, e:end].addmm_(panel[i - e:end - e], panel[:end - e].T, alpha=-1)
     except torch.linalg.LinAlgError as exc:
         raise DietError("recovery's least-squares system is singular (no calibration tokens, or "
                         "--recover-alpha 0 with too few); use a positive --recover-alpha") from exc
+    return system
 
 
 def _solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """X with (L L^T) X = rhs."""
-    return torch.cholesky_solve(rhs, factor)
+    """X with (L L^T) X = rhs, L the lower triangle of `factor`: two triangular solves, the second in
+    place (the factor is read where it is, never copied)."""
+    y = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.T, y, upper=True, out=y)
 
 
 def _head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torch.Tensor, alpha: float):

@@ -7,6 +7,7 @@ any later merge can be computed from it; the metadata records model, settings an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,8 +21,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from dietprune.calibration import Corpus, is_main_process
 from dietprune.errors import DietError
 from dietprune.io import IfExists, atomic_file, cache_root
-from dietprune.models.store import Checkpoint
 from dietprune.profile import ActivationStats
+from dietprune.sequential import Weights, has_meta
 from dietprune.settings import CalibrationSettings
 from dietprune.version import __version__
 
@@ -66,13 +67,15 @@ def load_scores(path: Path) -> tuple[dict[str, ActivationStats], dict]:
     return stats, meta
 
 
-def model_fingerprint(model: torch.nn.Module, checkpoint: Checkpoint | None = None) -> str:
+def model_fingerprint(weights: Weights) -> str:
     """A short hash that changes when the weights do, for the profile cache. A model streamed from its
     checkpoint: the config and the files' names, sizes, times and headers (nothing read). A model in
     memory: the config and every tensor's name, shape and bytes (hashed in place, ~1 s per GB), or on an
     accelerator three float64 moments (sum, sum of squares, index-weighted sum) computed where the tensor
-    lies: no weight is copied to the host or moved, and tied tensors stay tied. Memoised per model while
-    its parameters are unchanged (their version counters), so a sweep fingerprints its model once."""
+    lies; modules accelerate offloaded are onloaded one at a time. No weight is moved or replaced, and
+    tied tensors stay tied. Memoised per model while its parameters are unchanged (their version
+    counters), so a sweep fingerprints its model once."""
+    model = weights.model
     versions = _versions(model)
     memo = _FINGERPRINTS.get(model)
     if memo is not None and versions is not None and memo[0] == versions:
@@ -80,17 +83,21 @@ def model_fingerprint(model: torch.nn.Module, checkpoint: Checkpoint | None = No
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    if checkpoint is not None:
-        digest.update(checkpoint.fingerprint().encode())
+    if weights.checkpoint is not None:
+        digest.update(weights.checkpoint.fingerprint().encode())
     else:
-        for name, tensor in model.state_dict().items():
-            if tensor.device.type == "meta":
+        for prefix, module in model.named_modules():
+            own = [n for n, _ in module.named_parameters(recurse=False)]
+            if not own:
                 continue
-            digest.update(f"{name}{tuple(tensor.shape)}".encode())
-            if tensor.device.type == "cpu":
-                digest.update(memoryview(tensor.detach().contiguous().view(torch.uint8).numpy()))
-            else:
-                digest.update(_moments(tensor).cpu().numpy().tobytes())
+            with weights.onloaded(prefix) if has_meta(module) else contextlib.nullcontext(module) as real:
+                for name in own:
+                    tensor = getattr(real, name)
+                    digest.update(f"{prefix}.{name}{tuple(tensor.shape)}".encode())
+                    if tensor.device.type == "cpu":
+                        digest.update(memoryview(tensor.detach().contiguous().view(torch.uint8).numpy()))
+                    else:
+                        digest.update(_moments(tensor).cpu().numpy().tobytes())
     fingerprint = digest.hexdigest()[:16]
     _FINGERPRINTS[model] = (versions, fingerprint)
     return fingerprint

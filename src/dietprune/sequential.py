@@ -20,6 +20,8 @@ inputs, and recovery can refit one sub-block before running the next.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,7 +41,7 @@ class StopForward(Exception):
 def to_device(value, device: torch.device):
     """Tensors in nested tuples, lists and dicts moved to `device` (a block's keyword arguments)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
+        return value.to(device)
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
@@ -48,12 +50,8 @@ def to_device(value, device: torch.device):
 
 
 def has_meta(module: nn.Module) -> bool:
+    """Whether some of the module's weights are not in memory (accelerate's offload, or checkpoint files)."""
     return any(t.device.type == "meta" for t in module.parameters())
-
-
-def is_offloaded(model: nn.Module) -> bool:
-    """Whether some of the weights are not in memory: on disk behind accelerate, or in checkpoint files."""
-    return has_meta(model)
 
 
 class Weights:
@@ -113,13 +111,17 @@ class Weights:
                 yield module
             finally:
                 to_meta(module)
-        elif any(hasattr(m, "_hf_hook") for m in module.modules()) and has_meta(module):
-            from accelerate.utils import align_module_device
-
-            with contextlib.ExitStack() as stack:
-                for submodule in module.modules():
-                    stack.enter_context(align_module_device(submodule))
+                release_freed_memory()
+        elif hooks := _offload_hooks(module):  # onloaded once for every batch of the step, not per call
+            for submodule, hook in hooks:
+                hook.pre_forward(submodule)
+                hook.offload = False
+            try:
                 yield module
+            finally:
+                for submodule, hook in hooks:
+                    hook.offload = True
+                    hook.post_forward(submodule, None)
         else:
             where = {p.device for p in module.parameters()}
             if where == {device} or not where:
@@ -147,20 +149,53 @@ class Weights:
             for key, tensor in module.state_dict().items():
                 yield f"{name}.{key}", tensor
 
+    def streamed(self, name: str) -> bool:
+        """Whether module `name`'s weights are read from the checkpoint files."""
+        return self.checkpoint is not None and has_meta(self.model.get_submodule(name))
+
     def rows(self, name: str, chunk: int) -> Iterator[torch.Tensor]:
-        """The rows of matrix `name` (e.g. a vocabulary-sized head), `chunk` at a time, on the compute
-        device in float64-ready form (read from the file in parts when streamed)."""
+        """The rows of matrix `name` (a vocabulary-sized embedding or head), `chunk` at a time, in the
+        compute dtype: read from the file in parts when streamed, so the whole matrix is never held."""
         module_name, _, key = name.rpartition(".")
-        if self.checkpoint is not None and has_meta(self.model.get_submodule(module_name)):
+        if self.streamed(module_name):
             file_key = self._file_key(name)
             total = self.checkpoint.shape(file_key)[0]
             for start in range(0, total, chunk):
-                yield self.checkpoint.rows(file_key, start, start + chunk).to(self.device)
+                yield self.checkpoint.rows(file_key, start, start + chunk, self.dtype).to(self.device)
             return
         with self.onloaded(module_name) as module:
             matrix = getattr(module, key)
             for start in range(0, matrix.shape[0], chunk):
                 yield matrix[start:start + chunk]
+
+    def gather(self, name: str, index: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+        """Rows `index` (ascending) of matrix `name`, read a chunk of rows at a time."""
+        parts, start = [], 0
+        for rows in self.rows(name, chunk):
+            inside = index[(index >= start) & (index < start + len(rows))]
+            parts.append(rows[inside.to(rows.device) - start])
+            start += len(rows)
+        return torch.cat(parts)
+
+
+def _offload_hooks(module: nn.Module) -> list:
+    """(submodule, accelerate hook) of every part of `module` whose weights accelerate offloads. Each
+    hook loads its weights before and drops them after every forward call; within `Weights.onloaded`
+    its `offload` is off, so the weights stay for all of a step's batches and its own reads."""
+    from accelerate.hooks import AlignDevicesHook
+
+    return [(m, m._hf_hook) for m in module.modules()
+            if isinstance(getattr(m, "_hf_hook", None), AlignDevicesHook) and m._hf_hook.offload]
+
+
+def release_freed_memory() -> None:
+    """Hand memory the allocator holds on to back to the system (glibc's malloc_trim): without it the
+    freed blocks' smaller buffers fragment the heap and the resident size creeps up block after block."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
 
 
 def to_meta(module: nn.Module) -> None:
@@ -245,14 +280,16 @@ def capture(weights: Weights, batches: list[dict[str, torch.Tensor]], groups: li
         kwargs[-1].append(kw)
 
     originals = list(blocks)
-    with weights.onloaded(weights.embedding) as embedding:
+    with _embedding_for(weights, batches) as (embedding, remap):
         device = weights.device_of(embedding)
         try:
             for i in range(len(blocks)):
                 blocks[i] = _Placeholder(i, len(blocks) - 1, record)
             for batch in batches:
+                inputs = batch | {"input_ids": remap(batch["input_ids"])}
+                inputs = {key: value.to(device) for key, value in inputs.items()}
                 with contextlib.suppress(StopForward):
-                    model.get_decoder()(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                    model.get_decoder()(**inputs, use_cache=False)
         finally:
             for i, block in enumerate(originals):
                 blocks[i] = block
@@ -260,6 +297,26 @@ def capture(weights: Weights, batches: list[dict[str, torch.Tensor]], groups: li
     storage = stream_storage(device, nbytes)
     return Stream([h.to(storage) for h in hidden], [b["attention_mask"].bool().to(storage) for b in batches],
                   kwargs, list(groups) if groups is not None else [0] * len(batches), storage)
+
+
+@contextlib.contextmanager
+def _embedding_for(weights: Weights, batches: list[dict[str, torch.Tensor]]):
+    """The input embedding, ready for these batches, and how their token ids map into it. Streamed from
+    the files, it holds only the rows of the tokens the batches use (a vocabulary-sized matrix is never
+    read whole: 4 GB in float32 at Llama-3-70B's size), the ids renumbered to match."""
+    if not weights.streamed(weights.embedding):
+        with weights.onloaded(weights.embedding) as embedding:
+            yield embedding, lambda ids: ids
+        return
+    ids = [torch.zeros(1, dtype=torch.long), *(b["input_ids"].reshape(-1) for b in batches)]
+    used = torch.cat(ids).unique()  # ascending
+    embedding = weights.model.get_submodule(weights.embedding)
+    full = embedding.weight  # on meta; its shape is the model's
+    embedding.weight = nn.Parameter(weights.gather(f"{weights.embedding}.weight", used), requires_grad=False)
+    try:
+        yield embedding, lambda ids: torch.searchsorted(used, ids)
+    finally:
+        embedding.weight = full
 
 
 def stream_storage(device: torch.device, nbytes: int) -> torch.device:

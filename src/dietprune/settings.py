@@ -50,11 +50,7 @@ class Settings:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):  # a list from JSON/YAML: settings are immutable
-                value = tuple(value)
-            if value is not None and value == f.metadata["none"]:  # "auto" or "all" from a config file
-                value = None
+            value = _normalised(f, hints[f.name], getattr(self, f.name))
             object.__setattr__(self, f.name, value)
             _check(f, hints[f.name], value)
 
@@ -67,16 +63,34 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _normalised(f, hint, value):
+    """A value as the field holds it: a list (from JSON/YAML) as a tuple (settings are immutable), one
+    value given to a list option as a list of one, the word that stands for None ("all") as None. A list
+    given to a one-value option is refused here, as the command line refuses a second word."""
+    if value is not None and value == f.metadata["none"]:
+        return None
+    many = typing.get_origin(hint) is tuple
+    if many and value is not None:
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not many and isinstance(value, (list, tuple)):
+        plural = next((flag(g.name) for g in fields(SweepSettings) if g.metadata["per_cell"] == f.name), None)
+        raise DietError(f"{flag(f.name)} takes one value, not a list: got {value!r}"
+                        + (f" (diet sweep {plural} takes several)" if plural else ""))
+    return value
+
+
 def _check(f, hint, value) -> None:
     meta, name = f.metadata, flag(f.name)
+    element = element_type(hint)
     if value is None:
+        if typing.get_origin(hint) is tuple:
+            raise DietError(f"{name} needs a list of values" + (" ([] for none)" if meta["empty"] else ""))
         if type(None) not in typing.get_args(hint):
-            raise DietError(f"{name} needs a value")
+            raise DietError(f"{name} needs a value: {domain(f, element)}")
         return
     items = value if isinstance(value, tuple) else (value,)
     if isinstance(value, tuple) and not value and not meta["empty"]:
         raise DietError(f"{name} needs at least one value")
-    element = element_type(hint)
     for item in items:
         if element is not None and not _is_instance(item, element):
             raise DietError(f"{name} must be {domain(f, element)}, got {item!r}")
@@ -99,12 +113,18 @@ def domain(f, element: type | None) -> str:
     low, high = meta["minimum"], meta["maximum"]
     if meta["exclusive"]:
         words = f"a number strictly between {low:g} and {high:g}"
+    elif element is int and high is not None:
+        words = f"an integer from {low} to {high}"
     elif element is int:
         words = {1: "a positive integer", 0: "a non-negative integer"}.get(low, "an integer")
-    elif low == 0:
-        words = "a non-negative number"
+    elif element is float:
+        words = "a non-negative number" if low == 0 else "a number"
+    elif element is bool:
+        words = "true or false"
     elif meta["choices"] is not None:
-        words = "one of the listed values"
+        words = f"one of {', '.join(meta['choices'])}"
+    elif element is str:
+        words = "a string"
     else:
         words = "a value"
     return words + (f" or '{meta['none']}'" if meta["none"] else "")
@@ -166,9 +186,10 @@ class PruneSettings(Settings):
     title = "pruning"
 
     sparsity: float = option(0.2, "fraction of hidden dims to remove", minimum=0, maximum=1, exclusive=True)
-    round_to: int | None = option(None, "K is a multiple of N and of the head count (auto: the largest of "
-                                  "64, 32, ..., 1 whose step is at most width/64)", minimum=1, none="auto",
-                                  metavar="N|auto")
+    round_to: int | None = option(None, "K is a multiple of N and of the head count, within 2.5 points of "
+                                  "--sparsity (auto: the largest of 256, 128, ..., 1 that fits; 256 "
+                                  "quantises to llama.cpp's k-quants, 128 suits vLLM's Marlin)", minimum=1,
+                                  none="auto", metavar="N|auto")
     method: str = option("diet", "how the kept structure is chosen", registry="methods")
     merge: str = option("vote", "how per-task scores combine into one mask", choices=MERGES)
     merge_tasks: tuple[str, ...] = option((), "merge only these profiled tasks' scores (one task: its own "
@@ -180,10 +201,12 @@ class PruneSettings(Settings):
                           "auto: full after a hidden-dim method, none after a structural one",
                           choices=(*RECOVERIES, "auto"))
     recover_samples: int = option(32, "calibration samples per task used by recovery", minimum=1)
+    recover_generic: int = option(0, "generic text passages (LAMBADA book prose, never evaluated) added to "
+                                  "the recovery set beside the tasks' samples", minimum=0)
     recover_alpha: float = option(0.01, "ridge damping of recovery, relative to the mean Gram diagonal",
                                   minimum=0)
     random_seed: int = option(0, "seed of --method random's ranking (--seed draws the calibration "
-                              "samples)", minimum=0)
+                              "samples)", minimum=0, maximum=2**64 - 1)
 
 
 @dataclass(frozen=True)
@@ -199,7 +222,9 @@ class EvalSettings(Settings):
     eval_batch_size: int = option(64, "rows (a context and its choices) per forward pass", minimum=1)
     backend: str = option("dietprune", "dietprune's evaluator, or lm-evaluation-harness on the same "
                           "examples", choices=("dietprune", "lm-eval"))
-    perplexity: bool = option(True, "also perplexity on 256 held-out LAMBADA passages (dietprune backend)")
+    perplexity: bool = option(True, "also perplexity on held-out LAMBADA passages (dietprune backend)")
+    perplexity_passages: int = option(256, "how many held-out LAMBADA passages (the last N; no method "
+                                      "calibrates on them) perplexity is measured on", minimum=1, maximum=256)
 
 
 @dataclass(frozen=True)
@@ -288,16 +313,22 @@ def read_config(path: Path) -> dict:
             import yaml
 
             data = yaml.safe_load(text)
-    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's line/column messages
+    except Exception as exc:  # noqa: BLE001 (json.JSONDecodeError; yaml.YAMLError is no ValueError)
         raise DietError(f"config {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                        f"{str(exc).splitlines()[0]}") from exc
-    except Exception as exc:  # yaml.YAMLError does not derive from ValueError
-        raise DietError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+                        f"{parse_problem(exc)}") from exc
     if isinstance(data, dict) and str(data.get("format", "")).startswith("dietprune.model"):
         data = data.get("settings", {})
     if not isinstance(data, dict):
         raise DietError(f"config {path} must hold a mapping of option names to values")
     return data
+
+
+def parse_problem(exc: Exception) -> str:
+    """A JSON or YAML parser's complaint in one line, with the line and column it points at."""
+    mark = getattr(exc, "problem_mark", None)  # yaml's MarkedYAMLError: the line is in a second line
+    if mark is not None:
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(exc).splitlines()[0]
 
 
 def build(group: type[Settings], values: dict) -> Settings:

@@ -25,6 +25,7 @@ from dietprune.settings import (
     RuntimeSettings,
     SweepSettings,
 )
+from dietprune.validate import validate
 
 
 def variant_settings(variant: str, base: PruneSettings, calibration: CalibrationSettings, sparsity: float,
@@ -47,6 +48,7 @@ def sweep(model: str | None, out: Path, axes: SweepSettings, base: PruneSettings
     plan = {cell_name(variant, sparsity, recover): variant_settings(variant, base, calibration, sparsity,
                                                                     recover)
             for sparsity in axes.sparsities for variant in axes.methods for recover in axes.recover_modes}
+    validate(model, calibration, runtime, prunes=list(plan.values()), evaluation=eval_settings)
     cells_dir = out / "cells"
     if fresh and cells_dir.exists():
         shutil.rmtree(cells_dir)
@@ -68,7 +70,7 @@ def sweep(model: str | None, out: Path, axes: SweepSettings, base: PruneSettings
         return read_json(path, "sweep cell (delete it to recompute it)")
 
     cells = {"dense": cached("dense", lambda: evaluate(model_once(), settings=eval_settings,
-                                                      calibration=calibration))}
+                                                      calibration_settings=calibration))}
     for name, (settings, calibrated) in plan.items():
         try:
             cells[name] = cached(name, lambda s=settings, c=calibrated: _prune_and_evaluate(
@@ -110,8 +112,8 @@ def check_cells(cells_dir: Path, limit: int | None, dtype: str,
 
 def _prune_and_evaluate(dense: Loaded, settings: PruneSettings, calibration: CalibrationSettings,
                         eval_settings: EvalSettings) -> dict:
-    pruned = prune(dense, settings=settings, calibration=calibration)
-    results = evaluate(pruned, settings=eval_settings, calibration=calibration)
+    pruned = prune(dense, settings=settings, calibration_settings=calibration)
+    results = evaluate(pruned, settings=eval_settings, calibration_settings=calibration)
     results["prune"] = {k: v for k, v in pruned.record.items() if k not in ("kept_dims", "calibration")}
     results["kept_dims"] = pruned.record["kept_dims"]
     return results

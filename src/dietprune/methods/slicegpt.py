@@ -23,7 +23,6 @@ from torch import nn
 
 from dietprune.assemble import Edit
 from dietprune.errors import NotApplicable
-from dietprune.merge import kept_width_step
 from dietprune.methods.base import Method
 from dietprune.models.adapters import adapter_for
 from dietprune.models.edit import edited_config
@@ -119,7 +118,7 @@ def edit(model: nn.Module, observer: Covariance, target_params: int, in_place: b
     eigenvalues, eigenvectors = torch.linalg.eigh(observer.total)  # float64, where the covariance lies
     order = eigenvalues.argsort(descending=True)
     tied = bool(model.config.tie_word_embeddings)
-    step = kept_width_step(model.config, 1)
+    step = model.config.num_attention_heads  # transformers rejects a width the heads do not divide
     k = next((k for k in range(model.config.hidden_size - step, 0, -step)
               if sliced_param_count(model, k, untie=True) <= target_params), None)
     if k is None:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
 RECORD = "dietprune.json"  # what dietprune did to a pruned model, beside its weights
+# the files a tokenizer is read from: transformers' own format, then the slow tokenizers' vocabularies
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "spiece.model", "tekken.json")
 
 
 @dataclass
@@ -119,20 +122,63 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
         raise DietError(f"--weights stream reads a local checkpoint; {spec} is not one (download it first)")
     if device_map is None and local.is_dir() and not stream:
         check_fits(source.name, weight_bytes(local, dtype), dtype, device)
-    try:  # safetensors only: weights are never unpickled, and trust_remote_code is never enabled
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer of the model's class, or fail without saying why
+        raise DietError(f"cannot load model {spec}: {local} has no tokenizer files (looked for "
+                        f"{', '.join(TOKENIZER_FILES)}); copy those of the model it was made from into it")
+    try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:  # missing, damaged, incomplete
+        raise DietError(f"cannot load model {spec}: {_first_line(exc)}") from exc
+    try:  # safetensors only: weights are never unpickled, and trust_remote_code is never enabled
         if stream:
             model, checkpoint = _skeleton(local, dtype), Checkpoint(local)
         else:
             placement = {"device_map": device_map, "offload_folder": str(offload_folder())} if device_map \
                 else {"device_map": {"": str(device)}} if device.type != "cpu" else {}
-            model, checkpoint = AutoModelForCausalLM.from_pretrained(
-                source.path, dtype=dtype, use_safetensors=True, **placement), None
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True,
+                output_loading_info=True, **placement)
+            _check_weights(spec, info)
+            checkpoint = None
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, damaged, incomplete
-        raise DietError(f"cannot load model {spec}: {str(exc).strip().splitlines()[0]}") from exc
+        raise DietError(f"cannot load model {spec}: {_first_line(exc)}") from exc
     record_path = local / RECORD
     record = read_json(record_path, "record of a pruned model") if record_path.is_file() else None
     return Loaded(model.eval(), tokenizer, source.name, stored_dtype(source.path), record, checkpoint)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def model_config(spec: str | None, path: str):
+    """The transformers config of the model `spec` resolved to `path`, or one line saying why it cannot
+    be read."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:  # missing, not JSON, an unknown model_type
+        raise DietError(f"cannot load model {spec}: {_first_line(exc)}") from exc
+
+
+def _check_weights(spec: str | None, info: dict) -> None:
+    """Refuse a model whose weights do not fit its config: a tensor of another shape, or tensors the config
+    makes that the weights lack (transformers would initialise them at random)."""
+    mismatched, missing = sorted(info["mismatched_keys"]), sorted(info["missing_keys"])
+    fix = "give the config.json saved with these weights"
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise DietError(f"cannot load model {spec}: its weights do not match its config.json: {name} is "
+                        f"{_shape(stored)} in the weights, {_shape(expected)} by the config{more}; {fix}")
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DietError(f"cannot load model {spec}: its weights lack {missing[0]}{more}, which its "
+                        f"config.json makes; {fix}")
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def _skeleton(directory: Path, dtype: torch.dtype) -> PreTrainedModel:
@@ -152,8 +198,7 @@ def weight_bytes(directory: Path, dtype: torch.dtype) -> int:
     total = 0
     for path in directory.glob("*.safetensors"):
         try:
-            with path.open("rb") as f:
-                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+            _, header = _header(path)
         except (OSError, ValueError, struct.error) as exc:
             raise DietError(f"cannot load model {directory}: {path.name} has a damaged header "
                             f"({exc})") from exc
@@ -165,6 +210,20 @@ def weight_bytes(directory: Path, dtype: torch.dtype) -> int:
             start, end = tensor["data_offsets"]
             total += numel * dtype.itemsize if floating else end - start
     return total
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """The length and content of a safetensors file's JSON header (tensor -> dtype, shape, data offsets)."""
+    with path.open("rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        return length, json.loads(f.read(length))
+
+
+def _safetensors_size(path: Path) -> int:
+    """The size a safetensors file has by its header: 8 bytes, the header, the tensors' data."""
+    length, header = _header(path)
+    ends = [tensor["data_offsets"][1] for name, tensor in header.items() if name != "__metadata__"]
+    return 8 + length + max(ends, default=0)
 
 
 SOURCE_RECORD = "dietprune-source.json"  # beside a converted GGUF: what the GGUF stored
@@ -195,16 +254,41 @@ def _file_digest(path: Path) -> str:
 
 def _converted(gguf: Path, target: Path) -> None:
     """`target` holds the conversion of `gguf`: made once, its record written last. A directory without
-    the record (converted by a dietprune that did not write one) is converted again and replaced."""
+    the record (converted by a dietprune that did not write one) is converted again and replaced, and so
+    is a damaged one (see `_damage`): a cache entry dietprune can rebuild is rebuilt."""
     if not (target / SOURCE_RECORD).is_file():
         _convert_gguf(gguf, target, "replace" if target.exists() else "discard")
+    elif damage := _damage(target):
+        _convert_gguf(gguf, target, "replace", damage)
 
 
-def _convert_gguf(gguf: Path, target: Path, if_exists: str) -> None:
+def _damage(directory: Path) -> str | None:
+    """What is wrong with a converted model's directory, judged cheaply (sizes and small files), or None:
+    its record and config.json must parse, and each file have the size the record wrote down (a record
+    written before it did so: each safetensors file the size its header gives)."""
+    try:
+        record = json.loads((directory / SOURCE_RECORD).read_text())
+        getattr(torch, record["stored_dtype"])
+        json.loads((directory / "config.json").read_text())
+        sizes = record.get("sizes") or {path.name: _safetensors_size(path)
+                                        for path in directory.glob("*.safetensors")}
+        if not any(name.endswith(".safetensors") for name in sizes):
+            return "no .safetensors weights"
+        for name, size in sizes.items():
+            if (actual := (directory / name).stat().st_size) != size:
+                return f"{name} has {actual:,} bytes, not {size:,}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        return _first_line(exc)
+    return None
+
+
+def _convert_gguf(gguf: Path, target: Path, if_exists: str, damage: str | None = None) -> None:
     """Dequantize a GGUF file into a standard safetensors directory (done once, then cached). The weights
     are kept in float32, the exact dequantized values; the dtype the GGUF stores (bfloat16 for quantized
-    tensors) is recorded beside them, as the dtype pruned models of it are saved in."""
-    log.warning("converting %s to %s (once; about a minute)", gguf.name, target)
+    tensors) is recorded beside them, as the dtype pruned models of it are saved in, with every file's
+    size. `damage`: what was wrong with the conversion this one replaces (said in the warning)."""
+    log.warning("converting %s to %s (once; about a minute)%s", gguf.name, target,
+                f"; the cached conversion is damaged ({damage}) and is rebuilt" if damage else "")
     stored = _check_gguf_types(gguf)
     try:
         quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -219,7 +303,9 @@ def _convert_gguf(gguf: Path, target: Path, if_exists: str) -> None:
     with atomic_dir(target, if_exists) as tmp:  # discard: a run beside this one converted it too
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": gguf.name, "stored_dtype": stored}) + "\n")
+        sizes = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": gguf.name, "stored_dtype": stored,
+                                                     "sizes": sizes}) + "\n")
 
 
 def _check_gguf_types(gguf: Path) -> str:

@@ -22,6 +22,8 @@ from dietprune.errors import DietError
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 SHARD_BYTES = 2 << 30  # a shard is written (and its host copies freed) once it holds this much
+READ_BYTES = 64 << 20  # a tensor read in another dtype is converted this much at a time
+FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class Checkpoint:
@@ -47,17 +49,27 @@ class Checkpoint:
 
     def read(self, names: Iterable[str], device: torch.device, dtype: torch.dtype | None = None
              ) -> dict[str, torch.Tensor]:
-        """The named tensors on `device`, floating ones in `dtype` (if given)."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
+        """The named tensors on `device`, floating ones in `dtype` (if given). A tensor that changes dtype
+        is converted a block of rows at a time into its place, the file opened per block: a mapped page
+        counts as the process's memory until its file is closed, so memory holds the converted tensor
+        and one block of the file, never the tensor twice over."""
         out = {}
-        for path, group in by_file.items():
+        for name in names:
+            path = self.files[name]
             try:
-                with safe_open(path, "pt", device=str(device)) as f:
-                    for name in group:
-                        tensor = f.get_tensor(name)
-                        out[name] = tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
+                with safe_open(path, "pt") as f:
+                    view = f.get_slice(name)
+                    shape, stored = view.get_shape(), view.get_dtype()
+                if dtype is None or stored not in FLOATS or not shape or FLOATS[stored] == dtype:
+                    with safe_open(path, "pt", device=str(device)) as f:
+                        out[name] = f.get_tensor(name)
+                    continue
+                tensor = torch.empty(shape, dtype=dtype, device=device)
+                rows = max(1, READ_BYTES // max(1, tensor[0].numel() * tensor.element_size()))
+                for start in range(0, shape[0], rows):
+                    with safe_open(path, "pt") as f:
+                        tensor[start:start + rows] = f.get_slice(name)[start:start + rows].to(device, dtype)
+                out[name] = tensor
             except (SafetensorError, OSError) as exc:
                 raise DietError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
         return out
@@ -110,10 +122,15 @@ class CheckpointWriter:
                 value = value.to("cpu", self.dtype)
             self.pending[key] = value.to("cpu").contiguous()
             self.total += self.pending[key].numel() * self.pending[key].element_size()
-        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= self.shard_bytes:
-            self._flush()
+        if self.pending_bytes >= self.shard_bytes:
+            self.flush()
 
-    def _flush(self) -> None:
+    @property
+    def pending_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.pending.values())
+
+    def flush(self) -> None:
+        """Write what is pending as a shard of its own."""
         if self.pending:
             save_file(self.pending, self.directory / f".shard-{len(self.shards)}.safetensors",
                       metadata={"format": "pt"})
@@ -122,7 +139,7 @@ class CheckpointWriter:
 
     def close(self) -> None:
         """Write what is pending, name the shards, and write the index when there are several."""
-        self._flush()
+        self.flush()
         n = len(self.shards)
         names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, name in enumerate(names):

@@ -28,8 +28,11 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
+import yaml
+
 from dietprune.errors import DietError
 from dietprune.io import cannot_write
+from dietprune.settings import parse_problem
 from dietprune.tasks.data import ARROW_FILE, offline_root
 from dietprune.tasks.registry import TASKS, Example
 
@@ -102,6 +105,47 @@ def task_manager(name: str, data_source: str, include_path: tuple[str, ...]):
         raise DietError(f"unknown task {name!r}: not a built-in task ({', '.join(TASKS)}) and not an lm-eval "
                         f"task{where}")
     return manager
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """YAML as lm-eval reads a task config: a `!function module.name` tag is its text."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def check_include_paths(include_path: tuple[str, ...]) -> None:
+    """Every --include-path is a folder, and every task YAML under it (lm-eval reads **/*.yaml) is a
+    mapping of valid YAML whose includes are there: lm-eval skips any other file without a word, and
+    the task in it would be reported unknown."""
+    for entry in include_path:
+        folder = Path(entry).expanduser()
+        if not folder.is_dir():
+            raise DietError(f"--include-path {entry}: " + ("a file, not a folder; give the folder that holds "
+                                                           "your task YAMLs" if folder.exists() else
+                                                           "no such folder"))
+        for path in sorted(folder.glob("**/*.yaml")):
+            _check_task_yaml(path)
+
+
+def _check_task_yaml(path: Path, seen: frozenset[Path] = frozenset()) -> None:
+    """A task YAML and those it includes (paths relative to its folder) parse to mappings."""
+    try:
+        config = yaml.load(path.read_text(), Loader=_TaskLoader)  # a SafeLoader
+    except yaml.YAMLError as exc:
+        raise DietError(f"task YAML {path} is not valid YAML: {parse_problem(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DietError(f"cannot read task YAML {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if not isinstance(config, dict):
+        raise DietError(f"task YAML {path} holds {type(config).__name__}, not a mapping of lm-eval task "
+                        "options")
+    includes = config.get("include", [])
+    for include in includes if isinstance(includes, list) else [includes]:
+        target = (path.parent / str(include)).resolve()
+        if not target.is_file():
+            raise DietError(f"task YAML {path} includes {include}, which is not there ({target})")
+        if target not in seen:
+            _check_task_yaml(target, seen | {path.resolve()})
 
 
 @contextlib.contextmanager

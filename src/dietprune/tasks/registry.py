@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -192,8 +193,10 @@ def load_rows(task: str, source: str = "offline") -> list[dict]:
     raise DietError(f"unknown data source {source!r}; choose from: {', '.join(SOURCES)}")
 
 
+@cache
 def load_examples(task: str, source: str = "offline") -> list[Example]:
-    """The whole validation split of `task` as `Example`s, in file order (id = row index)."""
+    """The whole validation split of `task` as `Example`s, in file order (id = row index); read once
+    per process (validation reads every task before the work reads it again)."""
     spec = get_task(task)
     return [spec.example(doc, i) for i, doc in enumerate(load_rows(task, source))]
 
