@@ -2,7 +2,8 @@
 KV heads, vocabulary 128,256), on this CPU: random-weight models of several depths are written to disk
 in bfloat16 (one layer at a time: nothing here holds a whole model), then pruned by `diet prune
 --weights stream` in their own process under /usr/bin/time -v (peak RSS), with few calibration samples
-(this measures memory and where the time goes, not accuracy).
+(this measures memory and where the time goes, not accuracy); each checkpoint is checked against the
+tensors and shapes stock transformers builds from its saved config (on the meta device).
 
     .venv/bin/python benchmarks/engine_memory.py --layers 2 4 8 --recover none   # flat in depth
     .venv/bin/python benchmarks/engine_memory.py --layers 14 --recover none       # larger than RAM
@@ -83,6 +84,22 @@ def write_model(directory: Path, layers: int) -> int:
     return total
 
 
+def stock_shapes_match(path: Path) -> bool:
+    """Whether stock transformers, building the saved config on the meta device, expects exactly the tensors
+    and shapes the saved safetensors files hold (no weights are read)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    saved = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            saved |= {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (not iterable)
+    return saved == expected
+
+
 def timed(argv: list[str], env: dict) -> tuple[int, float, str]:
     started = time.perf_counter()
     run = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env)
@@ -124,6 +141,7 @@ def main() -> None:
                    "terms_bytes": {"one_block_float32": block, "hidden_states": 2 * tokens * d * 4,
                                    "runtime": baseline},
                    "calibration_tokens": tokens, "output_files": len(list(pruned.glob("*.safetensors"))),
+                   "stock_transformers_shapes_match": stock_shapes_match(pruned),
                    "machine": machine(), "date": time.strftime("%Y-%m-%d")}
             rows[layers, args.recover] = row
             print(json.dumps(row), flush=True)

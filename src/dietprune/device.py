@@ -87,7 +87,8 @@ def machine() -> dict:
 def cpu_matmul_ratio(dtype: torch.dtype) -> float:
     """How many times slower a matrix product runs in `dtype` than in float32 on this CPU: measured once
     (about 0.1 s) and cached per CPU, torch version and ISA setting. Without native bf16 units (AVX-512
-    BF16, AMX) torch emulates bfloat16: 40x slower was measured on a 2-core AVX2 EPYC."""
+    BF16, AMX) torch emulates bfloat16: 40x slower was measured on a 2-core AVX2 EPYC. Each dtype's time is
+    the fastest of three trials, so a busy core does not decide it."""
     key = "|".join([machine()["cpu"], torch.__version__, str(dtype), str(torch.get_num_threads()),
                     os.environ.get("ATEN_CPU_CAPABILITY", ""), os.environ.get("ONEDNN_MAX_CPU_ISA", "")])
     cache = cache_root() / "cpu_speed.json"
@@ -97,10 +98,13 @@ def cpu_matmul_ratio(dtype: torch.dtype) -> float:
         for each in (torch.float32, dtype):
             a = torch.randn(256, 256).to(each)
             a @ a  # warm-up
-            started = time.perf_counter()
-            for _ in range(8):
-                a @ a
-            seconds[each] = time.perf_counter() - started
+            trials = []
+            for _ in range(3):
+                started = time.perf_counter()
+                for _ in range(4):
+                    a @ a
+                trials.append(time.perf_counter() - started)
+            seconds[each] = min(trials)
         known[key] = seconds[dtype] / seconds[torch.float32]
         with contextlib.suppress(OSError):  # a cache that cannot be written is measured again next time
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -187,8 +187,9 @@ class PruneSettings(Settings):
 
     sparsity: float = option(0.2, "fraction of hidden dims to remove", minimum=0, maximum=1, exclusive=True)
     round_to: int | None = option(None, "K is a multiple of N and of the head count, within 2.5 points of "
-                                  "--sparsity (auto: the largest of 256, 128, ..., 1 that fits; 256 "
-                                  "quantises to llama.cpp's k-quants, 128 suits vLLM's Marlin)", minimum=1,
+                                  "--sparsity (auto: the largest of 256, 128, ..., 8 that fits, else the "
+                                  "heads; 256 quantises to llama.cpp's k-quants, 128 suits vLLM's Marlin)",
+                                  minimum=1,
                                   none="auto", metavar="N|auto")
     method: str = option("diet", "how the kept structure is chosen", registry="methods")
     merge: str = option("vote", "how per-task scores combine into one mask", choices=MERGES)
