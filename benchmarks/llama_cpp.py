@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -106,6 +107,8 @@ def run_llama_cpp(gguf: Path, tokens: list[list[int]]) -> dict:
     env = os.environ | {"LLAMA_CPP_LIB_PATH": str(LIBRARY), "PYTHONPATH": str(SOURCE)}
     run = subprocess.run([sys.executable, "-c", LLAMA_RUN, str(gguf), json.dumps(tokens)],
                          capture_output=True, text=True, env=env)
+    if run.returncode < 0:  # killed by a signal: its last log line is not the cause
+        raise RuntimeError(f"llama.cpp crashed running {gguf.name} ({signal.Signals(-run.returncode).name})")
     if run.returncode:
         raise RuntimeError(f"llama.cpp cannot run {gguf.name}: {run.stderr.strip().splitlines()[-1]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
