@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 from dietprune.io import cache_root
 
 GIB = 1 << 30
@@ -139,7 +139,7 @@ def memory_guard(device: str) -> Iterator[None]:
     try:
         yield
     except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise DietError(f"out of memory on {device} ({str(exc).splitlines()[0][:120]}); use a smaller "
+        raise DietError(f"out of memory on {device} ({first_line(exc)[:120]}); use a smaller "
                         "--batch-size or --eval-batch-size, --weights stream, --device-map auto, or a "
                         "smaller --dtype") from exc
 

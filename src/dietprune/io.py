@@ -25,7 +25,7 @@ from typing import Literal
 
 from safetensors import SafetensorError
 
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 
 IfExists = Literal["refuse", "replace", "discard"]
 """What a commit does when the output exists at the rename: refuse (keep the result beside it and
@@ -70,7 +70,7 @@ def cannot_write(path: Path, exc: BaseException) -> DietError:
     elif code := re.search(r"\(os error (\d+)\)", str(exc)):  # safetensors' wording of an OSError
         cause = os.strerror(int(code[1]))
     else:
-        cause = str(exc).splitlines()[0]
+        cause = first_line(exc)
     return DietError(f"cannot write {path}: {cause}; nothing was written there")
 
 
@@ -247,5 +247,5 @@ def read_json(path: Path, what: str) -> object:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         raise DietError(f"{path} is not a readable {what} ({cause})") from exc

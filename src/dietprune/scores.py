@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dietprune.calibration import Corpus, is_main_process
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 from dietprune.io import IfExists, atomic_file, cache_root
 from dietprune.profile import ActivationStats
 from dietprune.sequential import Weights, has_meta
@@ -145,7 +145,7 @@ def cached_stats(path: Path, name: str) -> ActivationStats | None:
     try:
         return load_scores(path)[0][name]
     except (DietError, KeyError) as exc:
-        log.warning("rebuilding a damaged cache entry %s (%s)", path.name, str(exc).splitlines()[0][:100])
+        log.warning("rebuilding a damaged cache entry %s (%s)", path.name, first_line(exc)[:100])
         path.unlink(missing_ok=True)
         return None
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import UnionType
 
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 
 DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 SITES = ("block_output", "norm_output")
@@ -329,7 +329,7 @@ def parse_problem(exc: Exception) -> str:
     mark = getattr(exc, "problem_mark", None)  # yaml's MarkedYAMLError: the line is in a second line
     if mark is not None:
         return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
-    return str(exc).splitlines()[0]
+    return first_line(exc)
 
 
 def build(group: type[Settings], values: dict) -> Settings:

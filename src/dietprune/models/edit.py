@@ -9,7 +9,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 
 
 def head_dim(config) -> int:
@@ -32,7 +32,7 @@ def edited_config(config, changes: dict):
     except (ValueError, StrictDataclassError) as exc:
         raise DietError(f"transformers rejects the edited {config.model_type} config "
                         f"({', '.join(f'{k}={v}' for k, v in changes.items())}): "
-                        f"{str(exc).splitlines()[0]}") from exc
+                        f"{first_line(exc)}") from exc
 
 
 def accepts(config, changes: dict) -> bool:

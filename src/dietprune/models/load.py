@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dietprune.device import check_fits, offload_folder
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 from dietprune.io import atomic_dir, cache_root, read_json
 from dietprune.models.edit import meta_model, rebuild
 from dietprune.models.store import Checkpoint
@@ -129,7 +129,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:  # missing, damaged, incomplete
-        raise DietError(f"cannot load model {spec}: {_first_line(exc)}") from exc
+        raise DietError(f"cannot load model {spec}: {first_line(exc)}") from exc
     try:  # safetensors only: weights are never unpickled, and trust_remote_code is never enabled
         if stream:
             model, checkpoint = _skeleton(local, dtype), Checkpoint(local)
@@ -142,14 +142,10 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
             _check_weights(spec, info)
             checkpoint = None
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, damaged, incomplete
-        raise DietError(f"cannot load model {spec}: {_first_line(exc)}") from exc
+        raise DietError(f"cannot load model {spec}: {first_line(exc)}") from exc
     record_path = local / RECORD
     record = read_json(record_path, "record of a pruned model") if record_path.is_file() else None
     return Loaded(model.eval(), tokenizer, source.name, stored_dtype(source.path), record, checkpoint)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def model_config(spec: str | None, path: str):
@@ -158,7 +154,7 @@ def model_config(spec: str | None, path: str):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:  # missing, not JSON, an unknown model_type
-        raise DietError(f"cannot load model {spec}: {_first_line(exc)}") from exc
+        raise DietError(f"cannot load model {spec}: {first_line(exc)}") from exc
 
 
 def _check_weights(spec: str | None, info: dict) -> None:
@@ -278,7 +274,7 @@ def _damage(directory: Path) -> str | None:
             if (actual := (directory / name).stat().st_size) != size:
                 return f"{name} has {actual:,} bytes, not {size:,}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
-        return _first_line(exc)
+        return first_line(exc)
     return None
 
 
@@ -295,7 +291,7 @@ def _convert_gguf(gguf: Path, target: Path, if_exists: str, damage: str | None =
                                                          dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
-        raise DietError(f"cannot read GGUF {gguf}: {str(exc).splitlines()[0]}") from exc
+        raise DietError(f"cannot read GGUF {gguf}: {first_line(exc)}") from exc
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized: a plain checkpoint
@@ -317,7 +313,7 @@ def _check_gguf_types(gguf: Path) -> str:
     try:
         tensors = GGUFReader(gguf).tensors
     except (ValueError, OSError, IndexError) as exc:
-        raise DietError(f"cannot read GGUF {gguf}: {str(exc).splitlines()[0]}") from exc
+        raise DietError(f"cannot read GGUF {gguf}: {first_line(exc)}") from exc
     for kind in dict.fromkeys(t.tensor_type for t in tensors):
         try:  # one block of zeros tells whether gguf can dequantize this type
             dequantize(np.zeros(GGML_QUANT_SIZES[kind][1], dtype=np.uint8), kind)

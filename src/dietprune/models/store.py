@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -71,7 +71,7 @@ class Checkpoint:
                         tensor[start:start + rows] = f.get_slice(name)[start:start + rows].to(device, dtype)
                 out[name] = tensor
             except (SafetensorError, OSError) as exc:
-                raise DietError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+                raise DietError(f"cannot read {path}: {first_line(exc)}") from exc
         return out
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:

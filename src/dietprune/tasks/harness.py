@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 from dietprune.io import cannot_write
 from dietprune.settings import parse_problem
 from dietprune.tasks.data import ARROW_FILE, offline_root
@@ -174,7 +174,7 @@ def harness_task(name: str, data_source: str = "offline", include_path: tuple[st
         with _offline(data_source):
             loaded = manager.load(name)["tasks"]
     except Exception as exc:  # noqa: BLE001 (lm-eval and datasets raise many kinds; each is a user error here)
-        raise DietError(f"lm-eval cannot build task {name!r}: {str(exc).splitlines()[0]}") from exc
+        raise DietError(f"lm-eval cannot build task {name!r}: {first_line(exc)}") from exc
     if list(loaded) != [name]:
         raise DietError(f"{name!r} is an lm-eval group of {len(loaded)} tasks; name its tasks instead")
     return loaded[name]

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
@@ -137,7 +137,7 @@ def _hub_rows(spec: str) -> list[tuple[str, dict]]:
     try:
         rows = datasets.load_dataset(name, config, split=split or "train").to_list()
     except Exception as exc:  # noqa: BLE001 (network, missing data set, missing config: each a user error)
-        raise DietError(f"cannot load {spec}: {str(exc).splitlines()[0]}") from exc
+        raise DietError(f"cannot load {spec}: {first_line(exc)}") from exc
     return [(f"row {i}", row) for i, row in enumerate(rows)]
 
 
