@@ -189,8 +189,7 @@ class PruneSettings(Settings):
     round_to: int | None = option(None, "K is a multiple of N and of the head count, within 2.5 points of "
                                   "--sparsity (auto: the largest of 256, 128, ..., 8 that fits, else the "
                                   "heads; 256 quantises to llama.cpp's k-quants, 128 suits vLLM's Marlin)",
-                                  minimum=1,
-                                  none="auto", metavar="N|auto")
+                                  minimum=1, none="auto", metavar="N|auto")
     method: str = option("diet", "how the kept structure is chosen", registry="methods")
     merge: str = option("vote", "how per-task scores combine into one mask", choices=MERGES)
     merge_tasks: tuple[str, ...] = option((), "merge only these profiled tasks' scores (one task: its own "
