@@ -1,8 +1,8 @@
 """The device check: one prepared command for a lent GPU machine, each part in its own process with its
-own time limit, each part's JSON written to OUT as soon as it finishes (a crash or a timeout loses
-only that part).
+own time limit, each part's JSON rewritten in OUT after every step it finishes (a crash or a timeout
+loses only what that part had not reached).
 
-    python3 benchmarks/gpu_check.py --out $OUT              # on the GPU machine (about 4 minutes)
+    PYTHONPATH=src python3 benchmarks/gpu_check.py --out $OUT     # on the GPU machine (under 10 minutes)
     .venv/bin/python benchmarks/gpu_check.py --out DIR --smoke  # here: every part at toy sizes, CPU
 
 It needs only what such a machine has (torch, transformers, accelerate, safetensors; no task data, no
@@ -14,10 +14,12 @@ the tokenizer is the tests' word-level one. Parts:
   prune_9b     `dietprune.prune` (the default: profile 7 x 100 samples, vote, slice, full recovery) of
                a random Gemma-2-9B-shaped model built on the device, then save: seconds per stage,
                peak device memory against the bf16 weights, profiling throughput against a plain
-               forward pass over the same batches;
-  engine_70b   Llama-3-70B-width models (d 8192, MLP 28672, 64/8 heads) of 2 and 4 layers written to
-               disk, pruned with --weights stream --recover none: peak device memory against depth;
-               and one layer's default recovery, timed by stage;
+               forward pass over the same batches; the saved checkpoint reloaded by stock transformers;
+  serving      `diet bench` of the dense and pruned 9B checkpoints: prefill and generate() on the device;
+  engine_70b   Llama-3-70B-width models (d 8192, MLP 28672, 64/8 heads) of 2, 4 and 8 layers written to
+               disk, pruned with --weights stream: peak device and host memory against depth with
+               --recover none, and the default recovery at 2 and 4 layers (the cost of one layer, so
+               the 80-layer prune projected);
   evaluator    our log-likelihood evaluator on the 9B-shaped model: requests per second; float32
                predictions on the device against the CPU's, bfloat16 agreement; lm-eval's HF backend
                on the same requests when lm-eval is importable there.
@@ -30,16 +32,24 @@ import argparse
 import json
 import os
 import random
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "tests")]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
 
-LIMITS = {"equivalence": 20, "scores": 20, "prune_9b": 100, "engine_70b": 75, "evaluator": 25}  # seconds
+LIMITS = {"equivalence": 25, "scores": 25, "prune_9b": 150, "serving": 180, "engine_70b": 200,  # seconds
+          "evaluator": 30}
+USES_WORK = {"prune_9b", "serving"}  # the parts that write or read the 9B checkpoints in the work folder
 SHAPES = {  # the published configs' shapes (google/gemma-2-9b, meta-llama/Llama-3.1-70B), and toy ones
     "gemma-2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336,
                        num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
@@ -94,7 +104,7 @@ def peak_memory(device: str, reset: bool = False) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def part_equivalence(device: str, smoke: bool) -> dict:
+def part_equivalence(device: str, smoke: bool, work: Path) -> Iterator[dict]:
     """max |masked - sliced| logits (and over the largest |logit|) per adapter and dtype."""
     import torch
     from conftest import CONFIGS, HIDDEN, VOCAB, tiny_model
@@ -114,10 +124,10 @@ def part_equivalence(device: str, smoke: bool) -> dict:
                 got = slice_model(model, keep)(ids).logits.float()
             relative = (got - want).abs().max() / want.abs().max()
             out[f"{model_type}/{str(dtype)[6:]}"] = round(relative.item(), 6)
-    return {"relative_max_difference": out}
+    yield {"relative_max_difference": out}
 
 
-def part_scores(device: str, smoke: bool) -> dict:
+def part_scores(device: str, smoke: bool, work: Path) -> Iterator[dict]:
     """The same model profiled on the device and on the CPU in float32."""
     import torch
     from conftest import HIDDEN, profile_texts, tiny_model
@@ -133,7 +143,12 @@ def part_scores(device: str, smoke: bool) -> dict:
         k = int(0.8 * HIDDEN)
         out[model_type] = {"max_relative_difference": ((cpu - dev).abs() / cpu.abs()).max().item(),
                            "same_mask": torch.equal(merge(cpu[None], k), merge(dev[None], k))}
-    return out
+    yield out
+
+
+def _save(model, tokenizer, directory: Path) -> None:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def _built(name: str, device: str, **changes):
@@ -144,10 +159,13 @@ def _built(name: str, device: str, **changes):
         return AutoModelForCausalLM.from_config(config(name, **changes), dtype=torch.bfloat16).eval()
 
 
-def part_prune_9b(device: str, smoke: bool) -> dict:
-    """The default prune of a 9B-shaped model, timed by stage, with peak device memory."""
+def part_prune_9b(device: str, smoke: bool, work: Path) -> Iterator[dict]:
+    """The default prune of a 9B-shaped model, timed by stage, with peak device memory; the dense and
+    pruned checkpoints are left in WORK for `serving`, and the saved one is reloaded by stock
+    transformers and compared with the pruned model in memory."""
     import torch
     from conftest import tiny_tokenizer
+    from transformers import AutoModelForCausalLM
 
     import dietprune
     from dietprune.calibration import Batching, token_batches
@@ -158,7 +176,8 @@ def part_prune_9b(device: str, smoke: bool) -> dict:
     model = _built(name, device)
     synchronize(device)
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    built_s = time.perf_counter() - started
+    yield {"model": name, "weights_gb": round(weights_gb, 2),
+           "build_s": round(time.perf_counter() - started, 1)}
     with tempfile.TemporaryDirectory() as tmp:
         texts = calibration_file(Path(tmp), 8 if smoke else 100, 40 if smoke else 150)
         plain = [json.loads(line)["text"] for line in texts.read_text().splitlines()]
@@ -173,6 +192,10 @@ def part_prune_9b(device: str, smoke: bool) -> dict:
                 model.get_decoder()(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
             synchronize(device)
             forward_s = time.perf_counter() - started
+        yield {"calibration_tokens": tokens, "plain_forward_tokens_per_s": round(tokens / forward_s)}
+        started = time.perf_counter()
+        _save(model, tokenizer, work / "dense")
+        yield {"dense_save_s": round(time.perf_counter() - started, 1)}
         peak_memory(device, reset=True)
         os.environ["DIETPRUNE_CACHE"] = str(Path(tmp) / "cache")
         started = time.perf_counter()
@@ -181,55 +204,82 @@ def part_prune_9b(device: str, smoke: bool) -> dict:
         synchronize(device)
         prune_s = time.perf_counter() - started
         peak_gb = peak_memory(device)
+        stages = pruned.record["seconds_by_stage"]
+        yield {"prune_s": round(prune_s, 1), "stages_s": stages, "peak_gb": peak_gb,
+               "peak_over_weights": peak_gb and round(peak_gb / weights_gb, 3),
+               "profile_tokens_per_s": round(tokens / stages["calibrate"]),
+               "kept": pruned.record["hidden_size_after"], "recovery_s": pruned.record["recovery"]["seconds"]}
         started = time.perf_counter()
-        dietprune.save(pruned, Path(tmp) / "pruned")
-        save_s = time.perf_counter() - started
-    stages = pruned.record["seconds_by_stage"]
-    return {"model": name, "weights_gb": round(weights_gb, 2), "build_s": round(built_s, 1),
-            "prune_s": round(prune_s, 1), "stages_s": stages, "save_s": round(save_s, 1),
-            "peak_gb": peak_gb, "peak_over_weights": peak_gb and round(peak_gb / weights_gb, 3),
-            "calibration_tokens": tokens, "plain_forward_tokens_per_s": round(tokens / forward_s),
-            "profile_tokens_per_s": round(tokens / stages["calibrate"]),
-            "kept": pruned.record["hidden_size_after"], "recovery_s": pruned.record["recovery"]["seconds"]}
+        dietprune.save(pruned, work / "pruned")
+        yield {"save_s": round(time.perf_counter() - started, 1)}
+    stock = AutoModelForCausalLM.from_pretrained(work / "pruned", dtype=pruned.model.dtype, device_map=device)
+    ids = batches[0]["input_ids"][:4].to(device)
+    with torch.inference_mode():
+        difference = (stock(ids).logits.float() - pruned.model(ids).logits.float()).abs().max().item()
+    yield {"stock_reload_max_abs_logit_difference": difference}
 
 
-def part_engine_70b(device: str, smoke: bool) -> dict:
-    """Streamed prunes of 70B-width models of several depths: peak device memory against depth."""
+def part_serving(device: str, smoke: bool, work: Path) -> Iterator[dict]:
+    """`diet bench` of the dense and the pruned checkpoints `prune_9b` saved: prefill and greedy
+    decoding through transformers' generate on the device, measured against the FLOP ratio."""
+    from dietprune.bench import SPEEDUP_METRICS, bench
+
+    try:
+        result = bench(str(work / "dense"), str(work / "pruned"), 1 if smoke else 3, "bfloat16", device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    keep = ("hidden_size", "params", *SPEEDUP_METRICS, "peak_gpu_mb")
+    yield {name: {k: result[name].get(k) for k in keep} for name in ("dense", "pruned")} | {
+        "speedup": result["speedup"]}
+
+
+def part_engine_70b(device: str, smoke: bool, work: Path) -> Iterator[dict]:
+    """Streamed prunes of 70B-width models of several depths: peak device and host memory against
+    depth with --recover none, and the default (full recovery) at two depths, whose difference is the
+    cost of one more layer: from it, the default prune of an 80-layer model projected."""
     import torch
     from conftest import tiny_tokenizer
 
     import dietprune
 
-    name, rows = ("toy-llama", {}) if smoke else ("llama-3-70b-layer", {})
+    name = "toy-llama" if smoke else "llama-3-70b-layer"
     tokenizer = tiny_tokenizer()
-    out = {}
+    runs = ((2, "none"), (2, "full"), (4, "none"), (4, "full"), (8, "none"))
+    seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
-        texts = calibration_file(Path(tmp), 2, 60)
+        texts = calibration_file(Path(tmp), 8 if smoke else 100, 40 if smoke else 150)
         os.environ["DIETPRUNE_CACHE"] = str(Path(tmp) / "cache")
-        for layers in (2, 4):
-            source = Path(tmp) / f"m{layers}"
-            model = _built(name, device, num_hidden_layers=layers, **rows)  # random weights, fast on a GPU
-            model.save_pretrained(source)
-            tokenizer.save_pretrained(source)
-            del model
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+        for layers, recover in runs:
+            source, built_s = Path(tmp) / f"m{layers}", None
+            if not source.exists():
+                started = time.perf_counter()
+                _save(_built(name, device, num_hidden_layers=layers), tokenizer, source)  # random weights
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                built_s = round(time.perf_counter() - started, 1)
             peak_memory(device, reset=True)
             started = time.perf_counter()
-            pruned = dietprune.prune(str(source), tasks=(), calibration=(str(texts),), samples=2,
-                                     device=device, weights="stream", recover="none",
-                                     staging=Path(tmp) / f"out{layers}")
+            pruned = dietprune.prune(str(source), tasks=(), calibration=(str(texts),), samples=100,
+                                     device=device, weights="stream", recover=recover,
+                                     staging=Path(tmp) / "out")
             synchronize(device)
-            out[f"layers_{layers}"] = {"seconds": round(time.perf_counter() - started, 1),
-                                       "peak_gb": peak_memory(device),
-                                       "stages_s": pruned.record["seconds_by_stage"]}
-        peaks = [out[f"layers_{n}"]["peak_gb"] for n in (2, 4)]
-        if all(peaks):
-            out["peak_growth_2_to_4"] = round(peaks[1] / peaks[0] - 1, 3)
-    return out
+            seconds[layers, recover] = time.perf_counter() - started
+            shutil.rmtree(Path(tmp) / "out")
+            if (layers, recover) == max(r for r in runs if r[0] == layers):
+                shutil.rmtree(source)
+            host_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            yield {f"layers_{layers}_recover_{recover}": {
+                "seconds": round(seconds[layers, recover], 1), "peak_gb": peak_memory(device),
+                "host_peak_rss_gb_so_far": round(host_gb, 2),
+                "stages_s": pruned.record["seconds_by_stage"], "build_and_write_source_s": built_s,
+                "recovery_s": pruned.record.get("recovery", {}).get("seconds")}}
+            if (4, "full") in seconds and (layers, recover) == (4, "full"):
+                per_layer = (seconds[4, "full"] - seconds[2, "full"]) / 2
+                yield {"full_seconds_per_layer": round(per_layer, 1),
+                       "projected_80_layers_full_s": round(seconds[2, "full"] + 78 * per_layer)}
 
 
-def part_evaluator(device: str, smoke: bool) -> dict:
+def part_evaluator(device: str, smoke: bool, work: Path) -> Iterator[dict]:
     """Requests per second of our evaluator on a 9B-shaped model; fp32 device vs CPU predictions and
     bf16 agreement on the tiny model; lm-eval's HF backend when it is there."""
     import importlib.util
@@ -243,7 +293,7 @@ def part_evaluator(device: str, smoke: bool) -> dict:
     words = [w for w in tokenizer.get_vocab() if not w.startswith("<")]
     rng = random.Random(1)
     requests = [(" ".join(rng.choices(words, k=rng.randint(20, 120))),
-                 " " + " ".join(rng.choices(words, k=3))) for _ in range(40 if smoke else 2000)]
+                 " " + " ".join(rng.choices(words, k=3))) for _ in range(40 if smoke else 1000)]
     model = _built("toy-gemma2" if smoke else "gemma-2-9b", device)
     loglikelihoods(model, tokenizer, requests[:8])
     synchronize(device)
@@ -267,21 +317,27 @@ def part_evaluator(device: str, smoke: bool) -> dict:
            "bf16_same_choice": same("bf16"),
            "fp32_max_abs_loglikelihood_difference": max(abs(a - b) for a, b in zip(cpu, dev32, strict=True))}
     out["lm_eval"] = "importable" if importlib.util.find_spec("lm_eval") else "not on this machine"
-    return out
+    yield out
 
 
 PARTS = {"equivalence": part_equivalence, "scores": part_scores, "prune_9b": part_prune_9b,
-         "engine_70b": part_engine_70b, "evaluator": part_evaluator}
+         "serving": part_serving, "engine_70b": part_engine_70b, "evaluator": part_evaluator}
 
 
-def run_part(name: str, out: Path, device: str, smoke: bool) -> None:
+def run_part(name: str, out: Path, device: str, smoke: bool, work: Path) -> None:
+    import accelerate
     import torch
+    import transformers
 
     started = time.perf_counter()
     result = {"part": name, "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, **PARTS[name](device, smoke)}
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "accelerate": accelerate.__version__}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")  # replaces any earlier run's
+    for step in PARTS[name](device, smoke, work):
+        result |= step | {"seconds": round(time.perf_counter() - started, 1)}
+        path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main() -> None:
@@ -291,27 +347,46 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="toy sizes (a test of the script, on a CPU)")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # one part, in this process
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)  # checkpoints passed between parts
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    work = args.work or Path(tempfile.mkdtemp(prefix="dietprune-gpu-check-"))
     if args.part:
-        run_part(args.part, args.out, device, args.smoke)
+        run_part(args.part, args.out, device, args.smoke, work)
         return
-    for name in args.parts:
-        limit = LIMITS[name] * (3 if args.smoke else 1)
-        command = [sys.executable, __file__, "--out", str(args.out), "--device", device, "--part", name]
-        try:
-            run = subprocess.run(command + (["--smoke"] if args.smoke else []), timeout=limit,
-                                 capture_output=True, text=True)
-            status = "ok" if run.returncode == 0 else f"failed: {run.stderr.strip().splitlines()[-1:]}"
-        except subprocess.TimeoutExpired:
-            status = f"timed out after {limit} s"
-        if status != "ok":
-            (args.out / f"{name}.json").write_text(json.dumps({"part": name, "status": status}) + "\n")
-        print(f"{name}: {status}", flush=True)
+    try:
+        for done, name in enumerate(args.parts, 1):
+            run_in_own_process(name, args, device, work)
+            if not USES_WORK.intersection(args.parts[done:]):  # a killed part cannot clean up after itself
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def run_in_own_process(name: str, args: argparse.Namespace, device: str, work: Path) -> None:
+    """One part in a fresh process (and its own process group, so a timeout also ends what it started);
+    a failure's or timeout's status and stderr tail are added to whatever steps the part had written."""
+    limit = LIMITS[name] * (3 if args.smoke else 1)
+    command = [sys.executable, __file__, "--out", str(args.out), "--device", device, "--part", name,
+               "--work", str(work), *(["--smoke"] if args.smoke else [])]
+    with tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        try:
+            status = "ok" if child.wait(timeout=limit) == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            status = f"timed out after {limit} s"
+        stderr.seek(0)
+        tail = stderr.read().strip().splitlines()[-25:]
+    if status != "ok":
+        path = args.out / f"{name}.json"
+        done = json.loads(path.read_text()) if path.exists() else {"part": name}
+        path.write_text(json.dumps(done | {"status": status, "stderr_tail": tail}, indent=1) + "\n")
+    print(f"{name}: {status}", *(["\n  " + "\n  ".join(tail[-8:])] if status != "ok" else []), flush=True)
 
 if __name__ == "__main__":
     main()
