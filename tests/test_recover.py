@@ -15,11 +15,16 @@ KEEP = torch.randperm(HIDDEN, generator=torch.Generator().manual_seed(0))[:32]
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
-def test_nothing_pruned_changes_nothing(model_type):
+def test_nothing_pruned_changes_nothing(model_type, monkeypatch):
+    """To the float32 forward passes' rounding with float64 products; with the default float32 ones
+    (recover.PRODUCTS) to their rounding too, which these tiny ill-conditioned systems amplify to
+    about 3e-5 of a weight's scale."""
     model = tiny_model(model_type)
     before = slice_model(model, torch.arange(HIDDEN)).state_dict()
-    sliced = recovered(model, TEXTS, torch.arange(HIDDEN), PARTS)
-    assert all(torch.allclose(before[k], v, rtol=1e-4, atol=1e-5) for k, v in sliced.state_dict().items())
+    for products, tolerance in ((torch.float64, 1e-5), (torch.float32, 1e-4)):
+        monkeypatch.setattr("dietprune.recover.PRODUCTS", products)
+        after = recovered(model, TEXTS, torch.arange(HIDDEN), PARTS).state_dict()
+        assert all((before[k] - v).abs().max() <= tolerance * before[k].abs().max() for k, v in after.items())
 
 
 def test_exact_when_the_pruned_dims_are_copies_of_kept_ones():
