@@ -2,7 +2,7 @@
 llama.cpp, converter and tools included), for `make test-serving` and the serving benchmark.
 
     .venv/bin/python benchmarks/llama_cpp.py   # dense vs pruned, F16 / Q8_0 / Q4_K_M: size, speed, ppl
-    .venv/bin/python benchmarks/llama_cpp.py --only speed   # re-time the last run's files
+    .venv/bin/python benchmarks/llama_cpp.py --only speed   # time the files; add to the last run's rows
 
 build() downloads the sdist once and builds libllama, llama-quantize, llama-perplexity and llama-bench
 with cmake under .cache/llama.cpp (about 10 min on 2 cores, then cached). A checkpoint goes through
@@ -20,11 +20,13 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,15 @@ QUANTS = ("Q8_0", "Q4_K_M")
 MODELS = ("gemma-3-270m", "smollm2-135m")
 THREADS = 2
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n <", "Question: is the sky blue?\nAnswer:"]
+# CPU, Release, portable: GGML_NATIVE=OFF builds ggml's AVX/AVX2/FMA/F16C/BMI2 kernels, which run on any
+# x86-64 machine of the last decade. A native build on an AMX CPU compiles AMX tile kernels that die with
+# SIGILL (tileloadd) where the kernel or VM does not grant AMX state, as on the Intel Xeon VM here; and
+# hand-picked AVX-512 options fail to compile with gcc 12 (AVX512_BF16's sgemm path). The flags are
+# stamped in the build; other flags get a clean build (cmake keeps options in its cache).
+BUILD_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF",
+               "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF",
+               "-DLLAMA_BUILD_COMMON=ON"]
 # llama-quantize's line for a tensor whose rows its type cannot take (llama-quant.cpp, tensor_type_fallback)
 FALLBACK = re.compile(r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+\d+ \(required for type\s+(\w+)\)"
                       r".*?-> falling back to\s+(\w+)")
@@ -51,14 +62,15 @@ def build() -> None:
                         f"llama-cpp-python=={VERSION}", "-d", str(CACHE)], check=True)
         with tarfile.open(CACHE / f"llama_cpp_python-{VERSION}.tar.gz") as archive:
             archive.extractall(CACHE, filter="data")
+    stamp = CACHE / "build" / "dietprune-flags.json"
+    if not stamp.is_file() or json.loads(stamp.read_text()) != BUILD_FLAGS:
+        shutil.rmtree(CACHE / "build", ignore_errors=True)
     if not all((LIBRARY / name).is_file() for name in ("libllama.so", *TOOLS)):
-        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
-                 "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=ON"]
-        subprocess.run(["cmake", "-S", str(VENDOR), "-B", str(CACHE / "build"), *flags], check=True,
+        subprocess.run(["cmake", "-S", str(VENDOR), "-B", str(CACHE / "build"), *BUILD_FLAGS], check=True,
                        stdout=subprocess.DEVNULL)
         subprocess.run(["cmake", "--build", str(CACHE / "build"), "--target", "llama", *TOOLS, "-j",
                         str(os.cpu_count())], check=True, stdout=subprocess.DEVNULL)
+        stamp.write_text(json.dumps(BUILD_FLAGS))
 
 
 def convert(checkpoint: Path, outtype: str = "f32") -> Path:
@@ -194,46 +206,71 @@ def gguf_file(checkpoint: Path, qtype: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.name}.{'f16' if qtype == 'F16' else qtype}.gguf")
 
 
-def quality(work: Path) -> dict:
-    """Each embedded model, dense and pruned by 20% (default width and recovery, 16 samples a task):
-    measure()'s rows."""
+def checkpoints(work: Path) -> dict:
+    """Each embedded model saved dense and pruned by 20% (default width and recovery, 16 samples a task)
+    under `work`; their widths."""
     from dietprune import api
-    from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
 
-    text = work / "lambada-heldout.txt"
-    text.write_text("\n\n".join(t for _, t in lambada_passages()[-PERPLEXITY_PASSAGES:]) + "\n")
-    rows = {}
+    widths = {}
     for name in MODELS:
         dense = api.load(name)
         dense.model.save_pretrained(work / f"{name}-dense")
         dense.tokenizer.save_pretrained(work / f"{name}-dense")
         pruned = api.prune(dense, sparsity=0.2, samples=16)
         api.save(pruned, work / f"{name}-pruned", overwrite=True)
-        widths = {"dense": dense.model.config.hidden_size, "pruned": pruned.record["width"]}
-        for kind in ("dense", "pruned"):
-            rows[f"{name} {kind}"] = {"width": widths[kind]} | measure(work / f"{name}-{kind}", text)
-            print(json.dumps({f"{name} {kind}": rows[f"{name} {kind}"]}), flush=True)
+        widths |= {f"{name} dense": dense.model.config.hidden_size, f"{name} pruned": pruned.record["width"]}
+    return widths
+
+
+def quality(work: Path) -> dict:
+    """checkpoints(), then measure()'s rows."""
+    from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
+
+    text = work / "lambada-heldout.txt"
+    text.write_text("\n\n".join(t for _, t in lambada_passages()[-PERPLEXITY_PASSAGES:]) + "\n")
+    rows = {}
+    for key, width in checkpoints(work).items():
+        rows[key] = {"width": width} | measure(work / key.replace(" ", "-"), text)
+        print(json.dumps({key: rows[key]}), flush=True)
     return {"llama_cpp_python": VERSION, "perplexity_text": f"the last {PERPLEXITY_PASSAGES} LAMBADA test "
             "passages, joined by blank lines", "rows": rows}
+
+
+def speed_files(work: Path) -> None:
+    """The F16, Q8_0 and Q4_K_M files speed() times, made where missing (no perplexity, no logits)."""
+    if not all((work / f"{name}-{kind}").is_dir() for name in MODELS for kind in ("dense", "pruned")):
+        checkpoints(work)
+    for name, kind in itertools.product(MODELS, ("dense", "pruned")):
+        checkpoint = work / f"{name}-{kind}"
+        f16 = gguf_file(checkpoint, "F16")
+        if not f16.is_file():
+            convert(checkpoint, "f16")
+        for qtype in QUANTS:
+            if not gguf_file(checkpoint, qtype).is_file():
+                quantize(f16, qtype)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("quality", "speed"),
                         help="quality: prune, convert, quantise, compare, perplexity; speed: time the files "
-                             "the last quality run left (the noisy part, to repeat on a quiet machine)")
+                             "(made where missing, without the slow perplexity and logits) and add the "
+                             "times to the last quality run's rows")
     args = parser.parse_args()
     build()
     work = CACHE / "bench"
     work.mkdir(parents=True, exist_ok=True)
     out = ROOT / "benchmarks" / "results" / "serving.json"
     report = quality(work) if args.only != "speed" else json.loads(out.read_text())
+    if args.only == "speed":
+        speed_files(work)
     if args.only != "quality":  # the timed part last, dense and pruned alternately
         for name, qtype in itertools.product(MODELS, ("F16", *QUANTS)):
             files = [gguf_file(work / f"{name}-{kind}", qtype) for kind in ("dense", "pruned")]
             for kind, result in zip(("dense", "pruned"), speed(*files), strict=True):
                 report["rows"][f"{name} {kind}"][qtype] |= result
-        report |= {"threads": THREADS, "cpu": cpu()}
+        report |= {"threads": THREADS, "cpu": cpu(), "build_flags": BUILD_FLAGS,
+                   "speed_date": time.strftime("%Y-%m-%d")}
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(report["rows"]))
 
