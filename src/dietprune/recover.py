@@ -32,8 +32,8 @@ in float64. Each batch's products are float32 (twice float64's rate on a CPU's v
 writers' Gram matrices and the readers' cross products, most of the arithmetic; float64 for the rest,
 where float32 moved the refit model's logits most (the writers' cross products: 1.2e-4 relative on
 SmolLM2). Measured against all-float64 products: recovery 0.78x (SmolLM2) and 0.82x (Gemma-3 270M) the
-time, logits within 2.9e-5 and 5.7e-6 relative. Gram matrices are accumulated on and below the
-diagonal only (what the Cholesky factorisation reads).
+time, logits within 2.9e-5 and 5.7e-6 relative. The readers' and writers' Gram matrices are accumulated
+on and below the diagonal only (what the Cholesky factorisation reads).
 
 How (sequential.py's walk, two streams side by side): the calibration batches' hidden states enter
 block 0 as the dense stream h and the pruned one h' = c h_K. For each block, brought to the device once,
