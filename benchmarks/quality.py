@@ -28,6 +28,7 @@ from pathlib import Path
 
 from dietprune.api import load, prune
 from dietprune.evaluate import evaluate, excluded_ids, perplexity, select_examples
+from dietprune.merge import kept_width, kept_width_step
 from dietprune.metrics import average, average_stderr, paired_difference
 from dietprune.settings import CalibrationSettings
 from dietprune.tasks import load_examples
@@ -44,6 +45,20 @@ CONFIGS: dict[str, dict] = {  # every name pins site and recovery: the defaults 
     "norm-site+full+64": {"site": "norm_output", "recover": "full", "recover_samples": 64},
     "norm-site+full+64+generic": {"site": "norm_output", "recover": "full", "recover_samples": 64,
                                   "recover_generic": 448},
+    # issue 27, round 3: which dims go, and the refit's damping
+    "obs+full": {"method": "obs", "site": "norm_output", "recover": "full"},
+    "norm-site+full+a0.1": {"site": "norm_output", "recover": "full", "recover_alpha": 0.1},
+    "norm-site+full+a0.001": {"site": "norm_output", "recover": "full", "recover_alpha": 0.001},
+    # issue 27, round 4: pruned in two steps (the second masks and refits the first's refit model)
+    "norm-site+full+2step": {"site": "norm_output", "recover": "full", "steps": (0.1,)},
+    "norm-site+full+a1": {"site": "norm_output", "recover": "full", "recover_alpha": 1.0},
+    # issue 27, round 5: more steps; two steps with the third round's better damping
+    "norm-site+full+4step": {"site": "norm_output", "recover": "full", "steps": (0.05, 0.1, 0.15)},
+    "norm-site+full+2step+a0.1": {"site": "norm_output", "recover": "full", "steps": (0.1,),
+                                  "recover_alpha": 0.1},
+    # issue 27, round 6: the second and third rounds' small gains together
+    "norm-site+full+64+generic+a0.1": {"site": "norm_output", "recover": "full", "recover_samples": 64,
+                                       "recover_generic": 448, "recover_alpha": 0.1},
 }
 TEST_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
 DEV_TASKS = ("boolq", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa")
@@ -111,7 +126,7 @@ def main() -> None:
                 continue
             done = json.loads(path.read_text()) if path.is_file() else None
             started = time.perf_counter()
-            pruned = prune(dense, sparsity=sparsity, **CONFIGS[name])
+            pruned = pruned_in_steps(dense, sparsity, dict(CONFIGS[name]))
             seconds = time.perf_counter() - started
             result = measure(pruned.model, pruned.tokenizer, args.split, pruned.record, tasks_too,
                              args.heldout, done)
@@ -122,6 +137,18 @@ def main() -> None:
             print(json.dumps({"config": name, "sparsity": sparsity, "ppl": result["perplexity"]["perplexity"],
                               "seconds": round(seconds)}), flush=True)
             del pruned
+
+
+def pruned_in_steps(dense, sparsity: float, options: dict):
+    """The dense model pruned as `options` say; with "steps" (sparsities of the dense width), first to
+    each of those, then from there to the width `sparsity` gives the dense model."""
+    config = dense.model.config
+    model, tokenizer, width = dense, None, config.hidden_size
+    for step in (*options.pop("steps", ()), sparsity):
+        kept = kept_width(config.hidden_size, step, kept_width_step(config, step, None))
+        pruned = prune(model, tokenizer, sparsity=1 - kept / width, **options)
+        model, tokenizer, width = pruned.model, pruned.tokenizer, kept
+    return pruned
 
 
 def table(out: Path, split: str) -> str:

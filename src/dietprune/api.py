@@ -154,6 +154,9 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
     if score_file is not None and get_method(settings.method).kind == "structural":
         raise DietError(f"{settings.method} chooses its own structure, not a mask of hidden dims: "
                         "--scores does not apply")
+    if score_file is not None and "grams" in get_method(settings.method).needs:
+        raise DietError(f"{settings.method} scores from Gram matrices a score file does not hold: "
+                        "--scores does not apply")
     validate(model, calibration, runtime, prunes=[(settings, calibration)],
              scores=score_file[1] if score_file else None)
     score_site = score_file[1]["settings"].get("site") if score_file else None  # where they were profiled

@@ -21,6 +21,7 @@ from dietprune.errors import DietError
 from dietprune.merge import agreement, merge
 from dietprune.methods.base import Seen, require_tokens
 from dietprune.methods.magnitude import Magnitude
+from dietprune.methods.obs import ReaderGrams
 from dietprune.models.edit import count_params, edited_config, meta_model
 from dietprune.models.load import Loaded
 from dietprune.models.store import Checkpoint
@@ -114,11 +115,12 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
 def calibrate(weights: Weights, tokenizer, plan: Plan, used: dict[str, dict], also: tuple[str, ...] = ()
               ) -> Seen:
     """What a hidden-dim method needs, in one pass over the blocks: each task's (and generic text's)
-    activation statistics, taken from the profile cache where they are there, and the weights'
-    magnitudes. Records every corpus used in `used`. `also`: other sites profiled (and cached) in the
-    same pass, for a prune that follows (`diet run`'s paper DIET beside the default)."""
+    activation statistics, taken from the profile cache where they are there (all profiled again when
+    the method needs their Gram matrices, which are not cached), and the weights' magnitudes. Records
+    every corpus used in `used`. `also`: other sites profiled (and cached) in the same pass, for a prune
+    that follows (`diet run`'s paper DIET beside the default)."""
     needs, settings = plan.method.needs, plan.calibration
-    seen = Seen(weights.model.config.hidden_size)
+    seen = Seen(weights.model.config.hidden_size, plan.kept)
     corpora = task_corpora(settings) if "tasks" in needs else []
     if "generic" in needs:
         corpora.append(generic_corpus(settings.samples * len(settings.tasks)))
@@ -128,10 +130,11 @@ def calibrate(weights: Weights, tokenizer, plan: Plan, used: dict[str, dict], al
              for site in sites}
     stats = {c.name: cached for c in corpora
              if (cached := cached_stats(paths[c.name, settings.site], c.name)) is not None}
-    missing = [c for c in corpora if c.name not in stats]
     magnitude = [Magnitude(weights)] if "magnitude" in needs else []
+    grams = [ReaderGrams(weights, len(corpora))] if "grams" in needs else []  # not cached: every corpus
+    missing = corpora if grams else [c for c in corpora if c.name not in stats]
     if missing:
-        found = profile(weights, tokenizer, missing, sites, plan.batching, tuple(magnitude),
+        found = profile(weights, tokenizer, missing, sites, plan.batching, (*magnitude, *grams),
                         desc=f"profile {len(missing)} task{'s' * (len(missing) > 1)}")
         for site, per_corpus in found.items():
             for corpus, corpus_stats in zip(missing, per_corpus, strict=True):
@@ -141,6 +144,9 @@ def calibrate(weights: Weights, tokenizer, plan: Plan, used: dict[str, dict], al
         observe(weights, Stream([], [], [], [], weights.device), magnitude, "magnitude")
     if magnitude:
         seen.magnitude = magnitude[0].result()
+    if grams:
+        seen.forms, per_corpus = grams[0].result()
+        seen.grams = {c.name: g for c, g in zip(corpora, per_corpus, strict=True)}
     for corpus in corpora:
         used[corpus.name] = {"ids": list(corpus.ids), "tokens": stats[corpus.name].tokens} | (
             {"source": corpus.source} if corpus.source else {})

@@ -3,7 +3,8 @@ and the sequential engine (sequential.py) feeds it in one pass over the blocks.
 
   hidden      scores the hidden dims, one score vector per source (a task, generic text, or the method
               itself), from what it `needs`: "tasks" (each task's activation statistics), "generic" (the
-              same on generic text), "magnitude" (each dim's share of the weights' norms). `merge`
+              same on generic text), "magnitude" (each dim's share of the weights' norms), "grams"
+              (the readers' forms and each task's Gram matrices at every norm, methods/obs.py). `merge`
               turns the scores into exactly K kept dims, and one slicing (and optional recovery) path
               gives a checkpoint of the same size for every such method;
   structural  chooses its own structure (layers, heads and channels, rotated dims) at the parameter
@@ -28,18 +29,23 @@ from dietprune.profile import ActivationStats
 from dietprune.sequential import Observer, Weights, capture, observe
 from dietprune.settings import PruneSettings
 
-NEEDS = ("tasks", "generic", "magnitude")
+NEEDS = ("tasks", "generic", "magnitude", "grams")
 
 
 @dataclass
 class Seen:
-    """What a hidden-dim method scores with: the model's width, per task the activation statistics of
-    its calibration samples, the same on generic text, and each dim's share of the weights' norms."""
+    """What a hidden-dim method scores with: the model's width and the K dims the mask keeps, per task
+    the activation statistics of its calibration samples, the same on generic text, each dim's share of
+    the weights' norms, and the readers' forms (sites, d, d) with each task's Gram matrices at the same
+    sites (methods/obs.py)."""
 
     width: int
+    kept: int
     tasks: dict[str, ActivationStats] = field(default_factory=dict)
     generic: ActivationStats | None = None
     magnitude: torch.Tensor | None = None
+    forms: torch.Tensor | None = None
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 Scorer = Callable[[Seen, PruneSettings], dict[str, ActivationStats]]

@@ -1,0 +1,142 @@
+"""obs: per task, the dims whose loss the readers' least-squares refit absorbs go first (structured OBS
+on the residual axis); the tasks' rankings are merged by --merge (DIET's vote by default).
+
+Every linear layer that reads the residual stream reads it through a norm: the readers R_s of site s
+(q/k/v or gate/up, stacked; the LM head at the final norm) see n = norm(h). Dropping the dims S of n and
+refitting the kept columns by least squares on a task's tokens (what recovery does) leaves
+
+    E_s(S) = tr(R_S Sigma_S|K R_S^T),   Sigma_S|K = ((G_s^-1)_SS)^-1,   G_s = sum over tokens of n n^T,
+
+the readers' weights on S times the part of the dropped dims the kept ones cannot predict. A dim the
+others predict costs nothing to drop however large its activations, which mean |a| cannot see. One dim
+at a time (the OBS recursion of Hassibi & Stork, in SparseGPT's column form), with H = G^-1 and
+M = R^T R (the compensated readers' d x d form; the head's E^T E summed over chunks of its rows):
+
+    cost_s(j) = M_jj / H_jj;   then, u = H[:, j] / H_jj, m = M[:, j]:
+    M <- M - u m^T - m u^T + M_jj u u^T,   H <- H - H_jj u u^T,
+
+and the costs of the dims removed one after another add up to E_s of the set. For each task the dim
+with the least sum over sites of cost_s(j) / tr(M_s G_s) (each site's error relative to its dense
+output energy, so no site outweighs another by scale) goes, until K remain; a task's score of a dim is
+how late it went (the K kept: last, all equal). G_s is damped as recovery damps it (+ alpha x its mean
+diagonal). Cost: each task's Gram matrix at every site, stored in float32, tasks x (2 x layers + 1) x
+d^2 x 4 bytes (0.42 GB for Gemma-3 270M's 7 tasks, 16 GB for Gemma-2 9B's: refused above MAX_BYTES), and
+d - K greedy steps over all sites per task.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dietprune.errors import DietError
+from dietprune.methods.base import Method, Seen
+from dietprune.profile import ActivationStats
+from dietprune.progress import progress
+from dietprune.sequential import Observer, Weights
+from dietprune.settings import PruneSettings
+
+HEAD_ROWS = 1 << 12  # vocabulary rows per product of the head's E^T E
+MAX_BYTES = 8 << 30  # the Gram matrices this method may hold
+
+
+class ReaderGrams(Observer):
+    """Per site (each sub-block's norm, then the final norm) the readers' form M = R^T R (float64) and,
+    per calibration corpus, the Gram matrix of the norm's output over real tokens (summed in float64,
+    kept in float32)."""
+
+    sites = frozenset({"norm_output", "block_input"})
+
+    def __init__(self, weights: Weights, corpora: int):
+        self.weights, self.corpora = weights, corpora
+        d, sites = weights.model.config.hidden_size, 2 * len(weights.blocks) + 1
+        need = corpora * sites * d * d * 4
+        if need > MAX_BYTES:
+            raise DietError(f"--method obs would hold {need / 2**30:.1f} GiB of Gram matrices ({corpora} "
+                            f"corpora x {sites} sites x {d}^2); at most {MAX_BYTES / 2**30:g} GiB: profile "
+                            "fewer --tasks or use --method diet")
+        self.forms: list[torch.Tensor] = []
+        self.grams: list[torch.Tensor] = []
+        self.block_grams: torch.Tensor | None = None
+        self.final = torch.zeros(corpora, d, d, dtype=torch.float64)
+
+    def block(self, index: int, layer: nn.Module) -> None:
+        d, subs = self.final.shape[-1], self.weights.adapter.sub_blocks
+        device = self.weights.device_of(layer)
+        self.block_grams = torch.zeros(len(subs), self.corpora, d, d, dtype=torch.float64, device=device)
+        for sub in subs:
+            form = torch.zeros(d, d, dtype=torch.float64, device=device)
+            for name in sub.readers:
+                weight = layer.get_submodule(name).weight.double()
+                form += weight.T @ weight
+            self.forms.append(form.cpu())
+
+    def observe(self, index: int, site: str, sub: int | None, x: torch.Tensor, group: int) -> None:
+        if site == "norm_output":
+            x = x.double()
+            self.block_grams[sub, group] += x.T @ x
+        elif index == len(self.weights.blocks):  # the final norm's input
+            with self.weights.onloaded(self.weights.adapter.final_norm) as norm:
+                n = norm(x.to(self.weights.device_of(norm))).double().cpu()
+            self.final[group] += n.T @ n
+
+    def block_done(self, index: int, layer: nn.Module) -> None:
+        self.grams.extend(self.block_grams.float().cpu())
+        self.block_grams = None
+
+    @torch.no_grad()
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forms (sites, d, d) float64, grams (corpora, sites, d, d) float32), the head's site last."""
+        head = torch.zeros_like(self.final[0])
+        for rows in self.weights.rows(f"{self.weights.head}.weight", HEAD_ROWS):
+            rows = rows.cpu().double()
+            head += rows.T @ rows
+        forms = torch.stack([*self.forms, head])
+        grams = torch.stack([*self.grams, self.final.float()], dim=1)
+        return forms, grams
+
+
+def removal_order(forms: torch.Tensor, grams: torch.Tensor, remove: int, alpha: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `remove` dims greedy OBS drops, in order, and the relative error each one adds (summed over
+    sites), from the readers' forms M (sites, d, d) and one corpus's Gram matrices G (sites, d, d)."""
+    gram = grams.double().clone()
+    diagonal = gram.diagonal(dim1=1, dim2=2)
+    diagonal += alpha * diagonal.mean(1, keepdim=True)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    form = forms.double() / torch.einsum("sij,sji->s", forms.double(), gram)[:, None, None]
+    alive = torch.ones(form.shape[-1], dtype=torch.bool)
+    order, costs = [], []
+    for _ in range(remove):
+        cost = (form.diagonal(dim1=1, dim2=2) / inverse.diagonal(dim1=1, dim2=2)).sum(0)
+        cost = torch.where(alive, cost, torch.inf)
+        j = int(cost.argmin())
+        h = inverse[:, :, j].clone()
+        u = h / h[:, j:j + 1]
+        m = form[:, :, j].clone()
+        w = m - m[:, j:j + 1] * u
+        form.baddbmm_(torch.stack([u, w], 2), torch.stack([m, u], 1), alpha=-1)
+        inverse.baddbmm_(h[:, :, None], u[:, None, :], alpha=-1)
+        alive[j] = False
+        order.append(j)
+        costs.append(float(cost[j]))
+    return torch.tensor(order, dtype=torch.long), torch.tensor(costs, dtype=torch.float64)
+
+
+def scores(seen: Seen, settings: PruneSettings) -> dict[str, ActivationStats]:
+    remove = seen.width - seen.kept
+    out = {}
+    for task, grams in progress(list(seen.grams.items()), desc="obs", unit="task"):
+        order, _ = removal_order(seen.forms, grams, remove, settings.recover_alpha)
+        score = torch.full((seen.width,), float(remove + 1), dtype=torch.float64)
+        score[order] = torch.arange(1, remove + 1, dtype=torch.float64)
+        out[task] = ActivationStats.fixed(score)
+    return out
+
+
+METHOD = Method(
+    name="obs",
+    summary="per task, greedy structured OBS: dims the readers' refit can absorb go first; merged by --merge",
+    needs=frozenset({"tasks", "grams"}),
+    scores=scores,
+)
