@@ -70,8 +70,8 @@ def test_grams_are_the_norm_outputs_over_real_tokens():
     norms = [m for name, m in model.named_modules() if name.endswith(("layernorm", "model.norm"))]
     expected = torch.zeros_like(per_corpus, dtype=torch.float64)
     for c, corpus in enumerate(corpora):
-        seen = []
-        hooks = [m.register_forward_hook(lambda _m, _a, out: seen.append(out[0])) for m in norms]
+        seen: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _a, out, seen=seen: seen.append(out[0])) for m in norms]
         for text in corpus.texts:
             with torch.no_grad():
                 model(**tokenizer(text, return_tensors="pt"))

@@ -113,14 +113,17 @@ def test_the_blocked_cholesky_solves_in_place_what_lapack_solves():
 
 def test_generic_text_joins_the_recovery_set(isolated_cache):
     """--recover-generic N adds the first N LAMBADA passages (never evaluated: perplexity reads the last
-    256) to the texts the refit matches, and records them as used."""
+    256) to the texts the refit matches, and records them as used; auto (the default) adds as many as
+    the recovery set's task samples, 0 none."""
     import dietprune
 
-    options = dict(sparsity=0.25, samples=4, tasks=("rte",), recover_samples=2)
-    plain = dietprune.prune(tiny_model("llama"), tiny_tokenizer(), **options)
+    options = dict(sparsity=0.25, samples=4, tasks=("rte", "boolq"), recover_samples=2)
+    plain = dietprune.prune(tiny_model("llama"), tiny_tokenizer(), recover_generic=0, **options)
     mixed = dietprune.prune(tiny_model("llama"), tiny_tokenizer(), recover_generic=3, **options)
+    auto = dietprune.prune(tiny_model("llama"), tiny_tokenizer(), **options)
     assert mixed.record["recovery"]["tasks"]["lambada"]["ids"] == ["0", "1", "2"]
     assert mixed.record["calibration"]["lambada"]["ids"] == ["0", "1", "2"]
+    assert auto.record["recovery"]["tasks"]["lambada"]["ids"] == ["0", "1", "2", "3"]  # 2 tasks x 2
     assert "lambada" not in plain.record["recovery"]["tasks"]
     assert plain.record["kept_dims"] == mixed.record["kept_dims"]
     weight = "model.layers.0.mlp.down_proj.weight"

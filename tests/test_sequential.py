@@ -142,7 +142,8 @@ def test_the_engine_prunes_as_the_code_before_it(case, isolated_cache, monkeypat
     for products, tolerance in ((torch.float64, 1e-4), (torch.float32, 3e-3)):
         monkeypatch.setattr("dietprune.recover.PRODUCTS", products)
         pruned = dietprune.prune(tiny_model(model_type), tiny_tokenizer(), sparsity=0.25, samples=4,
-                                 recover_samples=2, tasks=("arc_easy", "rte"), method=method, recover=recover)
+                                 recover_samples=2, recover_generic=0, recover_alpha=0.01,  # that code's
+                                 tasks=("arc_easy", "rte"), method=method, recover=recover)
         with torch.no_grad():
             logits = pruned.model(ids).logits[0, :, :16]
         assert pruned.record["kept_dims"] == want["kept_dims"]

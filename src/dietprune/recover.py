@@ -27,7 +27,8 @@ head (the final norm's gains through the LM head, K parameters): the logits E' (
     tied head is all that can change without untying it.
 Ridge towards the plain slice (not towards 0): nothing changes when nothing is pruned, and directions
 the calibration data does not excite keep their sliced values. lam = alpha x the mean diagonal of the
-Gram matrix (alpha = 0.01, GPTQ's dampening). Statistics are summed over batches in float64 and solved
+Gram matrix (alpha = 0.1 by default: ten times GPTQ's dampening, better than 0.01 and 0.001 on every
+measure in docs/RESULTS.md's third round). Statistics are summed over batches in float64 and solved
 in float64. Each batch's products are float32 (twice float64's rate on a CPU's vector units) for the
 writers' Gram matrices and the readers' cross products, most of the arithmetic; float64 for the rest,
 where float32 moved the refit model's logits most (the writers' cross products: 1.2e-4 relative on

@@ -200,10 +200,12 @@ class PruneSettings(Settings):
                           "full readers, writers, output-norm gains and the final norm through the head; "
                           "auto: full after a hidden-dim method, none after a structural one",
                           choices=(*RECOVERIES, "auto"))
-    recover_samples: int = option(32, "calibration samples per task used by recovery", minimum=1)
-    recover_generic: int = option(0, "generic text passages (LAMBADA book prose, never evaluated) added to "
-                                  "the recovery set beside the tasks' samples", minimum=0)
-    recover_alpha: float = option(0.01, "ridge damping of recovery, relative to the mean Gram diagonal",
+    recover_samples: int = option(64, "calibration samples per task used by recovery", minimum=1)
+    recover_generic: int | None = option(None, "generic text passages (LAMBADA book prose, never evaluated) "
+                                         "added to the recovery set beside the tasks' samples (auto: as "
+                                         "many as those samples; 0: none)", minimum=0, none="auto",
+                                         metavar="N|auto")
+    recover_alpha: float = option(0.1, "ridge damping of recovery, relative to the mean Gram diagonal",
                                   minimum=0)
     random_seed: int = option(0, "seed of --method random's ranking (--seed draws the calibration "
                               "samples)", minimum=0, maximum=2**64 - 1)
