@@ -25,7 +25,7 @@ from dietprune.methods.obs import ReaderGrams
 from dietprune.models.edit import count_params, edited_config, meta_model
 from dietprune.models.load import Loaded
 from dietprune.models.store import Checkpoint
-from dietprune.plan import Plan, recovery_generic
+from dietprune.plan import Plan, recovery_set
 from dietprune.profile import ActivationStats, profile
 from dietprune.recover import recover
 from dietprune.scores import cache_path, cached_stats, model_fingerprint, store_stats
@@ -89,9 +89,7 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
         config = edited_config(model.config, {"hidden_size": plan.kept})
         if plan.parts:
             started = time.perf_counter()
-            corpora = [c.head(plan.settings.recover_samples) for c in task_corpora(plan.calibration)]
-            if generic := recovery_generic(plan.settings, sum(len(c.ids) for c in corpora)):
-                corpora.append(generic_corpus(generic))
+            corpora = recovery_set(plan.settings, task_corpora(plan.calibration))
             _record_used(used, corpora)
             out = sink(config, into_dense=in_place)
             recover(weights, tokenizer, corpora, keep, plan.parts, plan.settings.recover_alpha, plan.batching,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dietprune.calibration import Batching
+from dietprune.calibration import Batching, Corpus, generic_corpus
 from dietprune.device import cpu_matmul_ratio, free_memory
 from dietprune.errors import DietError
 from dietprune.merge import kept_width, kept_width_step
@@ -89,9 +89,13 @@ def resolve_site(site: str, recover: str) -> str:
     return site
 
 
-def recovery_generic(settings: PruneSettings, task_samples: int) -> int:
-    """How many generic passages join the recovery set's `task_samples` task samples."""
-    return task_samples if settings.recover_generic is None else settings.recover_generic
+def recovery_set(settings: PruneSettings, corpora: list[Corpus]) -> list[Corpus]:
+    """What recovery fits on: each task corpus's first --recover-samples, then the generic passages
+    (auto: as many as those samples); a DietError if there are not that many passages."""
+    heads = [corpus.head(settings.recover_samples) for corpus in corpora]
+    samples = sum(len(corpus.ids) for corpus in heads)
+    generic = samples if settings.recover_generic is None else settings.recover_generic
+    return heads + ([generic_corpus(generic)] if generic else [])
 
 
 def recovery_parts(recover: str) -> tuple[str, ...]:

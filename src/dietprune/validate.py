@@ -22,7 +22,7 @@ from dietprune.errors import DietError
 from dietprune.io import cache_root
 from dietprune.methods import get_method
 from dietprune.models.load import model_config, resolve, stored_dtype
-from dietprune.plan import make_plan, recovery_generic, resolve_device, resolve_recover
+from dietprune.plan import make_plan, recovery_set, resolve_device, resolve_recover
 from dietprune.settings import CalibrationSettings, EvalSettings, PruneSettings, RuntimeSettings
 from dietprune.tasks import load_examples, task_metrics
 from dietprune.tasks.data import lambada_passages
@@ -77,9 +77,8 @@ def _check_prune(settings: PruneSettings, calibration: CalibrationSettings, scor
     names = [corpus.name for corpus in corpora]
     if scores is None and "generic" in method.needs:
         generic_corpus(calibration.samples * len(calibration.tasks))
-    if recover != "none" and (generic := recovery_generic(
-            settings, sum(len(c.head(settings.recover_samples).ids) for c in corpora))):
-        generic_corpus(generic)
+    if recover != "none":
+        recovery_set(settings, corpora)  # enough generic passages
     if settings.merge_tasks and method.kind == "hidden":
         if scores is None and not profiles:
             raise DietError(f"--merge-tasks does not apply to --method {method.name}: it scores no tasks")
