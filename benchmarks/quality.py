@@ -31,6 +31,7 @@ from dietprune.evaluate import evaluate, excluded_ids, perplexity, select_exampl
 from dietprune.merge import kept_width, kept_width_step
 from dietprune.metrics import average, average_stderr, paired_difference
 from dietprune.settings import CalibrationSettings
+from dietprune.slice import sliced_param_count
 from dietprune.tasks import load_examples
 from dietprune.tasks.data import lambada_passages
 
@@ -63,6 +64,14 @@ CONFIGS: dict[str, dict] = {name: ISSUE_16 | options for name, options in {
     "norm-site+full+64+generic+a0.1": {"site": "norm_output", "recover": "full", "recover_samples": 64,
                                        "recover_generic": 448, "recover_alpha": 0.1},
 }.items()}
+# issue 27, round 7: part of the budget on MLP channels ("hidden": that share of hidden dims, then MLP
+# channels up to the parameter count of the hidden-only slice at the run's sparsity), the default's recovery
+ROUND_6 = CONFIGS["norm-site+full+64+generic+a0.1"]
+CONFIGS |= {f"h{round(100 * hidden)}+mlp": ROUND_6 | {"hidden": hidden} for hidden in (0.1, 0.15, 0.2, 0.25)}
+# issue 27, round 8: each fit's damping chosen on held-out calibration batches
+CONFIGS["grid"] = ROUND_6 | {"recover_alpha_grid": (0.01, 0.1, 1.0)}
+# issue 27: what the default's mask is worth once the refit is there (a measurement, no decision)
+CONFIGS |= {f"random{seed}+default": ROUND_6 | {"method": "random", "random_seed": seed} for seed in (0, 1)}
 TEST_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
 DEV_TASKS = ("boolq", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa")
 HELDOUT = {"test": ("sciq", "social_iqa", "commonsense_qa", "copa"),  # calibrated on by no configuration
@@ -144,14 +153,35 @@ def main() -> None:
 
 def pruned_in_steps(dense, sparsity: float, options: dict):
     """The dense model pruned as `options` say; with "steps" (sparsities of the dense width), first to
-    each of those, then from there to the width `sparsity` gives the dense model."""
+    each of those, then from there to the width `sparsity` gives the dense model; with "hidden", see
+    `budget_matched`."""
     config = dense.model.config
+    sparsity, options = budget_matched(dense.model, sparsity, options)
     model, tokenizer, width = dense, None, config.hidden_size
     for step in (*options.pop("steps", ()), sparsity):
         kept = kept_width(config.hidden_size, step, kept_width_step(config, step, None))
         pruned = prune(model, tokenizer, sparsity=1 - kept / width, **options)
         model, tokenizer, width = pruned.model, pruned.tokenizer, kept
     return pruned
+
+
+def budget_matched(model, sparsity: float, options: dict) -> tuple[float, dict]:
+    """(hidden sparsity, options): with "hidden" in `options`, that share of hidden dims and the share of
+    MLP channels (--mlp-sparsity) nearest to the parameter count of the hidden-only slice at `sparsity`
+    (a gated MLP channel at width k: a row of gate and of up, a column of down, k parameters each)."""
+    options = dict(options)
+    hidden = options.pop("hidden", None)
+    if hidden is None:
+        return sparsity, options
+    config = model.config
+
+    def kept(s: float) -> int:
+        return kept_width(config.hidden_size, s, kept_width_step(config, s, None))
+
+    k = kept(hidden)
+    surplus = sliced_param_count(model, k) - sliced_param_count(model, kept(sparsity))
+    channels = round(surplus / (3 * k * config.num_hidden_layers))
+    return hidden, options | {"mlp_sparsity": channels / config.intermediate_size}
 
 
 def table(out: Path, split: str) -> str:
@@ -220,7 +250,7 @@ def heldout_table(out: Path, split: str, reference: str = "norm-site+full-s20") 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--table"]:  # quality.py --table DIR SPLIT
         print(table(Path(sys.argv[2]), sys.argv[3]))
-    elif sys.argv[1:2] == ["--heldout-table"]:  # quality.py --heldout-table DIR SPLIT
-        print(heldout_table(Path(sys.argv[2]), sys.argv[3]))
+    elif sys.argv[1:2] == ["--heldout-table"]:  # quality.py --heldout-table DIR SPLIT [REFERENCE]
+        print(heldout_table(Path(sys.argv[2]), sys.argv[3], *sys.argv[4:5]))
     else:
         main()

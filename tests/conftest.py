@@ -142,8 +142,10 @@ def stock_logits(directories: list, input_ids: torch.Tensor) -> dict[str, torch.
     return {name: torch.tensor(value) for name, value in loaded.items()}
 
 
-def recovered(model, texts, keep, parts, in_place: bool = False, alpha: float = 0.01, rows: int = 8):
-    """The slice of a model in memory to `keep` with `parts` refit on `texts` (recover.py)."""
+def recovered(model, texts, keep, parts, in_place: bool = False, alpha: float = 0.01, rows: int = 8,
+              channels: int | None = None, grid: tuple[float, ...] = ()):
+    """The slice of a model in memory to `keep` (and `channels` MLP channels) with `parts` refit on
+    `texts` (recover.py), the readers' and writers' dampings from `grid` if given."""
     from dietprune.assemble import MemorySink
     from dietprune.calibration import Corpus
     from dietprune.models.edit import edited_config
@@ -151,7 +153,9 @@ def recovered(model, texts, keep, parts, in_place: bool = False, alpha: float = 
     from dietprune.sequential import Weights
 
     weights = Weights.of(model)
-    sink = MemorySink(edited_config(model.config, {"hidden_size": len(keep)}), weights.dtype, in_place)
+    changes = {"hidden_size": len(keep)} | ({"intermediate_size": channels} if channels else {})
+    sink = MemorySink(edited_config(model.config, changes), weights.dtype, in_place)
     corpus = Corpus("texts", tuple(map(str, range(len(texts)))), tuple(texts))
-    recover(weights, tiny_tokenizer(), [corpus], keep, parts, alpha, batching(rows), sink, in_place)
+    recover(weights, tiny_tokenizer(), [corpus], keep, parts, alpha, batching(rows), sink, in_place, channels,
+            grid)
     return sink.finish()

@@ -336,3 +336,21 @@ def test_damaged_records_and_cells_are_one_line(tiny_dir, tmp_path, capsys):
                  "--sparsities", "0.25", "--limit", "2", *FAST_PROFILE]) == 2
     err = capsys.readouterr().err.strip()
     assert "dense.json is not a readable sweep cell (delete it to recompute it)" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(("words", "message"), [
+    (["--mlp-sparsity", "0.5", "--recover", "none"], "--mlp-sparsity refits down_proj on the kept channels: "
+                                                     "it needs --recover full, not none"),
+    (["--mlp-sparsity", "1"], "--mlp-sparsity 1 removes all 80 MLP channels of a layer; at least one must "
+                              "stay"),
+])
+def test_mlp_sparsity_refuses_what_it_cannot_do(words, message, tiny_dir, tmp_path, capsys):
+    err = refused([*command_line("prune", tiny_dir, tmp_path), *FAST_PROFILE, *words], tmp_path, capsys)
+    assert err == f"diet: error: {message}"
+
+
+def test_a_damping_grid_needs_a_refit(tiny_dir, tmp_path, capsys):
+    err = refused([*command_line("prune", tiny_dir, tmp_path), *FAST_PROFILE, "--recover", "none",
+                   "--recover-alpha-grid", "0.01", "0.1"], tmp_path, capsys)
+    assert err == ("diet: error: --recover-alpha-grid chooses the refit's damping: it needs --recover lsq "
+                   "or full")

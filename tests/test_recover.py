@@ -128,3 +128,93 @@ def test_generic_text_joins_the_recovery_set(isolated_cache):
     assert plain.record["kept_dims"] == mixed.record["kept_dims"]
     weight = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(plain.model.state_dict()[weight], mixed.model.state_dict()[weight])
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
+def test_mlp_channels_that_copy_kept_ones_are_cut_without_loss(model_type):
+    """--mlp-sparsity: in a model whose MLP channels 40-79 repeat channels 0-39 (gate/up rows equal),
+    greedy OBS cuts one of each pair and down_proj's refit adds the twin's column to the one kept: the
+    40-channel model computes the dense logits; once the copies are broken, it cannot."""
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for reader in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                reader.weight[40:] = reader.weight[:40]
+    batch = tok(TEXTS[:4], return_tensors="pt", padding=True)
+    real = batch["attention_mask"].bool()
+    pruned = recovered(model, TEXTS, torch.arange(HIDDEN), PARTS, alpha=1e-6, channels=40)
+    assert pruned.config.intermediate_size == 40
+    assert all(layer.mlp.down_proj.weight.shape == (HIDDEN, 40) for layer in pruned.model.layers)
+    for layer in pruned.model.layers:  # one channel of each pair stays
+        rows = layer.mlp.gate_proj.weight
+        assert len({tuple(r) for r in rows.tolist()}) == 40
+    with torch.no_grad():
+        dense = model(**batch).logits[real]
+        assert torch.allclose(pruned(**batch).logits[real], dense, atol=2e-4 * dense.abs().max())
+        for layer in model.model.layers:  # break the copies: now 40 channels cannot carry 80
+            layer.mlp.gate_proj.weight[40:].normal_(0, 0.3)
+        broken = recovered(model, TEXTS, torch.arange(HIDDEN), PARTS, alpha=1e-6, channels=40)
+        assert not torch.allclose(broken(**batch).logits[real], model(**batch).logits[real], atol=1e-2)
+
+
+def test_mlp_channels_cut_reach_a_stock_checkpoint(isolated_cache, tmp_path):
+    """diet prune --mlp-sparsity 0.5: every layer keeps 40 of 80 channels, the record says so, and stock
+    transformers loads the saved checkpoint and computes the pruned model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    import dietprune
+    from dietprune.report import prune_summary_text
+
+    tok = tiny_tokenizer()
+    options = dict(sparsity=0.25, samples=4, tasks=("rte", "boolq"), recover_samples=2)
+    pruned = dietprune.prune(tiny_model("gemma3_text"), tok, mlp_sparsity=0.5, **options)
+    assert pruned.model.config.intermediate_size == 40
+    assert pruned.record["recovery"]["mlp_channels_kept"] == 40
+    summary = prune_summary_text(pruned.record)
+    assert "(readers, writers, norms, head, 40 MLP channels kept a layer)" in summary
+    assert pruned.record["params_after"] == sum(p.numel() for p in pruned.model.parameters())
+    dietprune.save(pruned, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    batch = tok(TEXTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, pruned.model(**batch).logits, atol=1e-5)
+
+
+def test_the_damping_grid_chooses_by_the_held_out_batches():
+    """A fit whose held-out batches follow the same map as the others takes the least damping; one whose
+    held-out targets follow the prior (the plain slice) instead takes the most."""
+    from dietprune.recover import _chosen
+
+    torch.manual_seed(0)
+    x = [torch.randn(50, 6, dtype=torch.float64) for _ in range(2)]  # the fit batches, the held-out ones
+    true, prior = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+
+    def statistics(held_map):
+        targets = [x[0] @ true.T, x[1] @ held_map.T]
+        gram = torch.stack([x[0].T @ x[0] + x[1].T @ x[1], x[1].T @ x[1]]).tril()
+        rhs = torch.stack([targets[0].T @ x[0] + targets[1].T @ x[1], targets[1].T @ x[1]])
+        return gram, rhs
+
+    assert _chosen(*statistics(true), prior, (1e-3, 1.0, 1e3)) == 1e-3
+    assert _chosen(*statistics(prior), prior, (1e-3, 1.0, 1e3)) == 1e3
+
+
+def test_a_one_value_grid_is_that_fixed_damping():
+    """The chosen damping refits on every batch: a grid of one value gives the model that value gives,
+    and every reader's and writer's choice is returned."""
+    model = tiny_model("gemma3_text")
+    fixed = recovered(model, TEXTS, KEEP, PARTS, alpha=0.1, rows=2).state_dict()
+    gridded = recovered(model, TEXTS, KEEP, PARTS, alpha=0.1, rows=2, grid=(0.1,)).state_dict()
+    assert all(torch.equal(fixed[k], gridded[k]) for k in fixed)
+    other = recovered(model, TEXTS, KEEP, PARTS, alpha=0.1, rows=2, grid=(10.0,)).state_dict()
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(fixed[down], other[down])
+
+
+def test_the_grid_choices_are_recorded(isolated_cache):
+    import dietprune
+
+    options = dict(sparsity=0.25, samples=4, tasks=("rte", "boolq"), recover_samples=4, batch_size=1)
+    pruned = dietprune.prune(tiny_model("llama"), tiny_tokenizer(), recover_alpha_grid=(0.01, 1.0), **options)
+    chosen = pruned.record["recovery"]["alpha_chosen"]
+    assert sum(chosen.values()) == 3 * (3 + 1 + 2 + 1)  # 3 layers: q, k, v, o, then gate, up, down

@@ -84,18 +84,20 @@ def test_capture_reads_no_block_weights(tmp_path):
     assert torch.equal(stream.hidden[0], expected)
 
 
-@pytest.mark.parametrize("recover", ["none", "full"])
+@pytest.mark.parametrize("options", [["--recover", "none"], ["--recover", "full"],
+                                     ["--mlp-sparsity", "0.25"]], ids=["none", "full", "mlp"])
 @pytest.mark.parametrize("model_type", ["gemma3_text", "qwen2"])
-def test_a_streamed_prune_writes_the_checkpoint_of_the_in_memory_prune(model_type, recover, tmp_path,
+def test_a_streamed_prune_writes_the_checkpoint_of_the_in_memory_prune(model_type, options, tmp_path,
                                                                        isolated_cache):
     """--weights stream (blocks read from the files, the pruned blocks written straight to the output)
-    gives the checkpoint --weights load gives: same mask, same tensors, same saved form."""
+    gives the checkpoint --weights load gives: same mask, same tensors, same saved form (MLP channels
+    cut too, with --mlp-sparsity)."""
     source = tmp_path / "dense"
     tiny_model(model_type).save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)
     for weights in ("load", "stream"):
         assert main(["--quiet", "prune", "--model", str(source), "--out", str(tmp_path / weights),
-                     "--weights", weights, "--recover", recover, "--recover-samples", "2",
+                     "--weights", weights, *options, "--recover-samples", "2",
                      *FAST_PROFILE]) == 0
     records = {w: json.loads((tmp_path / w / "dietprune.json").read_text()) for w in ("load", "stream")}
     assert records["load"]["kept_dims"] == records["stream"]["kept_dims"]
@@ -109,6 +111,7 @@ def test_a_streamed_prune_writes_the_checkpoint_of_the_in_memory_prune(model_typ
     assert len(list((tmp_path / "stream").glob("model-*.safetensors"))) > 1  # a shard per block
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
     assert stock.config.hidden_size == records["stream"]["hidden_size_after"] < 48
+    assert stock.config.intermediate_size == (60 if "--mlp-sparsity" in options else 80)
 
 
 def test_a_checkpoint_written_tensor_by_tensor_is_what_save_pretrained_writes(tmp_path):

@@ -86,16 +86,19 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
         observed_s = time.perf_counter() - clock
         keep, agreement_by_task = choose_dims(stats, plan.kept, plan.settings)
         record |= {"kept_dims": keep.tolist(), "task_agreement": agreement_by_task}
-        config = edited_config(model.config, {"hidden_size": plan.kept})
+        channels = {"intermediate_size": plan.channels} if plan.channels else {}
+        config = edited_config(model.config, {"hidden_size": plan.kept} | channels)
         if plan.parts:
             started = time.perf_counter()
             corpora = recovery_set(plan.settings, task_corpora(plan.calibration))
             _record_used(used, corpora)
             out = sink(config, into_dense=in_place)
-            recover(weights, tokenizer, corpora, keep, plan.parts, plan.settings.recover_alpha, plan.batching,
-                    out, in_place)
+            grid = plan.settings.recover_alpha_grid
+            chosen = recover(weights, tokenizer, corpora, keep, plan.parts, plan.settings.recover_alpha,
+                             plan.batching, out, in_place, plan.channels, grid)
             record["recovery"] = {"method": plan.settings.recover, "parts": list(plan.parts),
-                                  "alpha": plan.settings.recover_alpha,
+                                  "alpha": plan.settings.recover_alpha, "mlp_channels_kept": plan.channels,
+                                  "alpha_chosen": {str(a): chosen.count(a) for a in grid},
                                   "seconds": round(time.perf_counter() - started, 1),
                                   "tasks": {c.name: {"ids": list(c.ids)} for c in corpora}}
         else:

@@ -136,6 +136,7 @@ class Plan:
     kept: int
     step: int
     stream: bool
+    channels: int | None = None  # MLP channels kept in every layer (--mlp-sparsity), None: all
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -165,6 +166,26 @@ def make_plan(config, settings: PruneSettings, calibration: CalibrationSettings,
     if stream and runtime.device_map is not None:
         raise DietError("--weights stream reads one block at a time onto one device; it does not take "
                         "--device-map")
+    if settings.recover_alpha_grid and settings.recover == "none":
+        raise DietError("--recover-alpha-grid chooses the refit's damping: it needs --recover lsq or full")
     saved = save_dtype(runtime.save_dtype, stored, dtype)
     return Plan(method, settings, calibration, runtime, device, dtype, saved,
-                batching(calibration, device, config.hidden_size), config.hidden_size, k, step, stream)
+                batching(calibration, device, config.hidden_size), config.hidden_size, k, step, stream,
+                kept_channels(config, settings))
+
+
+def kept_channels(config, settings: PruneSettings) -> int | None:
+    """MLP channels every layer keeps under --mlp-sparsity (the nearest count; None when it is 0). They are
+    chosen and refit by recovery's writer fit, so they need --recover full."""
+    if not settings.mlp_sparsity:
+        return None
+    if settings.recover != "full":
+        raise DietError(f"--mlp-sparsity refits down_proj on the kept channels: it needs --recover full, "
+                        f"not {settings.recover}")
+    adapter_for(config).require("--mlp-sparsity", "parallel_block")
+    width = config.intermediate_size
+    kept = width - round(settings.mlp_sparsity * width)
+    if kept < 1:
+        raise DietError(f"--mlp-sparsity {settings.mlp_sparsity:g} removes all {width} MLP channels of a "
+                        "layer; at least one must stay")
+    return None if kept == width else kept

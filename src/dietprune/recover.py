@@ -25,6 +25,16 @@ norms (the output norms of Gemma-2/3, one gain per dim): their input is normalis
 head (the final norm's gains through the LM head, K parameters): the logits E' (a * b') ~ E n over
     calibration tokens: [(E'^T E') * (sum b' b'^T)] a = rowsum((E'^T E) * (sum n b'^T)^T), which for a
     tied head is all that can change without untying it.
+MLP channels (--mlp-sparsity): down_proj's fit over its m inputs has the Hessian C_z'z' + lam I whatever
+    its target, so greedy OBS (removal_order) on the best all-input fit W* says which inputs the refit of
+    the others absorbs best; the m - M that go leave gate/up's rows and down_proj's columns, and the
+    writer is refit on the M that stay (the same system, restricted). Every layer keeps the same M (a
+    stock config has one intermediate_size) and picks its own; the greedy steps cost O(m^2) each.
+Damping grid (--recover-alpha-grid): every fourth batch is held out; each reader's and writer's fit on
+    the other batches is scored, for each alpha of the grid, by its error on the held-out ones less their
+    targets' energy (the same for every fit), tr(W G_h W^T) - 2 tr(W R_h^T), from the held-out Gram
+    matrix G_h and right-hand side R_h = sum t x^T; the best alpha is refit on all batches. The held-out
+    statistics double each accumulator, and scoring holds two more copies of the Gram matrix.
 Ridge towards the plain slice (not towards 0): nothing changes when nothing is pruned, and directions
 the calibration data does not excite keep their sliced values. lam = alpha x the mean diagonal of the
 Gram matrix (alpha = 0.1 by default: ten times GPTQ's dampening, better than 0.01 and 0.001 on every
@@ -66,21 +76,30 @@ from dietprune.slice import head_scale, slice_edit
 PARTS = ("readers", "writers", "norms", "head")
 HEAD_ROWS = 1 << 12  # vocabulary rows per product of the head's Gram matrix
 PRODUCTS = torch.float32  # the writers' Gram and the readers' cross products per batch (module doc)
+HELD_OUT = 4  # with a damping grid, every fourth calibration batch is held out to choose from it
 
 
 @torch.inference_mode()
 def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tensor, parts: tuple[str, ...],
-            alpha: float, batching: Batching, sink: Sink, in_place: bool = False) -> None:
+            alpha: float, batching: Batching, sink: Sink, in_place: bool = False, channels: int | None = None,
+            grid: tuple[float, ...] = ()) -> list[float]:
     """Slice the model of `weights` to the dims `keep` and refit `parts` so that its modules' outputs
     match the dense model's on the corpora's texts (see the module doc); every finished tensor goes to
-    `sink`. `in_place`: the dense tensors outside the blocks may be sliced in their own memory."""
+    `sink`. `in_place`: the dense tensors outside the blocks may be sliced in their own memory.
+    `channels`: the MLP channels every layer keeps (chosen when its writer is refit; None: all).
+    `grid`: each reader's and writer's damping is chosen from these (`alpha` then damps only the norms
+    and the head); returns the dampings chosen, fit by fit."""
     model, adapter = weights.model, weights.adapter
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     d, k = model.config.hidden_size, len(keep)
     c = math.sqrt(k / d)
     blocks_edit, rest_edit = slice_edit(model, keep), slice_edit(model, keep, in_place)
     batches, _ = corpus_batches(tokenizer, corpora, batching)
+    if grid and len(batches) < HELD_OUT:
+        raise DietError(f"--recover-alpha-grid holds out every {HELD_OUT}th calibration batch to choose a "
+                        f"damping; the recovery set makes {len(batches)} batches")
     dense = capture(weights, batches)
+    chosen: list[float] = []
     pruned = dense.mapped(lambda h: c * h[..., keep.to(h.device)])
     layers = meta_model(blocks_edit.config).get_submodule(adapter.layers)  # the sliced blocks are refit in
     for i in progress(range(len(weights.blocks)), desc="recover", unit="block"):
@@ -91,8 +110,9 @@ def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tens
             fit.to(device)
             kwargs = [to_device(kw[i], device) for kw in dense.kwargs]
             for block in adapter.sub_blocks:
-                _refit_sub_block(layer, fit, block, dense, pruned, kwargs, keep, c, parts, alpha,
-                                 adapter.norm_offset, device)
+                inputs = channels if block.writer == adapter.down else None
+                chosen += _refit_sub_block(layer, fit, block, dense, pruned, kwargs, keep, c, parts, alpha,
+                                           adapter.norm_offset, device, inputs, grid)
             sink.block(i, fit.state_dict(), layer)
             to_meta(fit)
     head = _head_statistics(weights, dense, pruned, keep, alpha) if "head" in parts else None
@@ -102,15 +122,22 @@ def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tens
         return head(tensor, adapter.norm_offset, head_scale(model, k)) if name == final and head else tensor
 
     apply_rest(weights, rest_edit, sink, refit_final_norm)
+    return chosen
 
 
 def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, dense: Stream, pruned: Stream,
                      kwargs: list[dict], keep: torch.Tensor, c: float, parts: tuple[str, ...], alpha: float,
-                     offset: float, device: torch.device) -> None:
-    """Refit one sub-block of `fit` (the sliced block) and advance both streams past it."""
+                     offset: float, device: torch.device, inputs: int | None = None,
+                     grid: tuple[float, ...] = ()) -> list[float]:
+    """Refit one sub-block of `fit` (the sliced block) and advance both streams past it; with `inputs`,
+    the writer keeps that many of its input channels (those greedy OBS drops last) and the readers'
+    rows that make them; with `grid`, each reader's and the writer's damping comes from it (returned,
+    readers first)."""
     norm, fit_norm = dense_layer.get_submodule(block.norm), fit.get_submodule(block.norm)
     batches = range(len(dense))
+    held = {b for b in batches if grid and b % HELD_OUT == HELD_OUT - 1}
     keep = keep.to(device)
+    chosen = []
 
     def rows(b: int, x: torch.Tensor) -> torch.Tensor:  # batch b's real tokens, in PRODUCTS
         return dense.real(b, x).to(PRODUCTS)
@@ -120,19 +147,27 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
 
     if "readers" in parts:  # (1) W' = (W C_nn' + lam W_K)(C_n'n' + lam I)^-1
         k, d = len(keep), dense.hidden[0].shape[-1]
-        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-        cross = torch.zeros(d, k, dtype=torch.float64, device=device)
+        gram, cross = _zeros(k, k, device, 2 if held else 1), _zeros(d, k, device, 2 if held else 1)
         for b in batches:
             n, n_fit = rows(b, normed[b]), rows(b, fit_normed[b])
-            _accumulate_gram(gram, n_fit.double())
-            _accumulate(cross, n, n_fit)
-        lam = _damp(gram, alpha)
-        factor = _cholesky(gram)
-        for name in block.readers:
-            weight, target = dense_layer.get_submodule(name).weight, fit.get_submodule(name).weight
-            rhs = weight.to(torch.float64) @ cross + lam * target.to(torch.float64)
-            target.copy_(_solve(factor, rhs.T).T)
-        del gram, cross, factor
+            for part in (0, 1) if b in held else (0,):  # all batches, then the held-out ones
+                _accumulate_gram(gram[part], n_fit.double())
+                _accumulate(cross[part], n, n_fit)
+        alphas = dict.fromkeys(block.readers, alpha)
+        for name in block.readers if held else ():
+            weight, prior = (module.get_submodule(name).weight.double() for module in (dense_layer, fit))
+            alphas[name] = _chosen(gram, weight @ cross, prior, grid)
+        for a in sorted(set(alphas.values())):  # one factorisation per damping
+            system = gram[0].clone() if held else gram[0]
+            lam = _damp(system, a)
+            factor = _cholesky(system)
+            for name in (name for name in block.readers if alphas[name] == a):
+                weight, target = dense_layer.get_submodule(name).weight, fit.get_submodule(name).weight
+                rhs = weight.to(torch.float64) @ cross[0] + lam * target.to(torch.float64)
+                target.copy_(_solve(factor, rhs.T).T)
+            del system, factor
+        chosen += [alphas[name] for name in block.readers] if held else []
+        del gram, cross
 
     # (2) dense outputs y (the writer's), pruned writer inputs z' (the refit module stopped at the writer)
     writer = fit.get_submodule(block.writer)
@@ -141,14 +176,22 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
     del normed, fit_normed
     if "writers" in parts:  # W' = (R + lam W'_0)(C_z'z' + lam I)^-1, R = sum c y_K z'^T = W'_0 C_zz'
         m = z_fit[0].shape[-1]
-        gram = torch.zeros(m, m, dtype=torch.float64, device=device)
-        cross = torch.zeros(len(keep), m, dtype=torch.float64, device=device)
+        gram, cross = _zeros(m, m, device, 2 if held else 1), _zeros(len(keep), m, device, 2 if held else 1)
         for b in batches:
             z = rows(b, z_fit[b])
-            _accumulate_gram(gram, z)
-            _accumulate(cross, rows(b, outputs[b])[:, keep].double(), z.double(), scale=c)
-        lam = _damp(gram, alpha)
+            for part in (0, 1) if b in held else (0,):
+                _accumulate_gram(gram[part], z)
+                _accumulate(cross[part], rows(b, outputs[b])[:, keep].double(), z.double(), scale=c)
+        writer_alpha = _chosen(gram, cross, writer.weight.double(), grid) if held else alpha
+        chosen += [writer_alpha] if held else []
+        gram, cross = gram[0], cross[0]
+        lam = _damp(gram, writer_alpha)
         cross.add_(writer.weight.to(torch.float64), alpha=lam)
+        if inputs is not None:
+            kept = _kept_inputs(gram, cross, lam, writer_alpha, inputs)
+            _keep_inputs(fit, block, kept)
+            gram, cross = gram[kept][:, kept], cross[:, kept]  # sorted: the lower triangle stays lower
+            z_fit = [z[..., kept] for z in z_fit]
         factor = _cholesky(gram)
         del gram
         writer.weight.copy_(_solve(factor, cross.T).T)
@@ -176,6 +219,98 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
     for b in batches:  # (4) both streams past the sub-block
         dense.hidden[b] = (dense.hidden[b].to(device) + outputs[b]).to(dense.storage)
         pruned.hidden[b] = (pruned.hidden[b].to(device) + fit_outputs[b]).to(pruned.storage)
+    return chosen
+
+
+def _zeros(rows: int, columns: int, device: torch.device, count: int) -> torch.Tensor:
+    """`count` float64 accumulators of rows x columns: the statistics of all batches, then (with a
+    damping grid) of the held-out ones."""
+    return torch.zeros(count, rows, columns, dtype=torch.float64, device=device)
+
+
+def _chosen(gram: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, grid: tuple[float, ...]) -> float:
+    """The damping of `grid` whose fit on the batches not held out predicts the held-out ones best.
+    gram, rhs: (all, held out) Gram matrices (lower triangles) and right-hand sides R = sum t x^T; a fit
+    W is scored by its held-out error less the target's energy, tr(W G_h W^T) - 2 tr(W R_h^T)."""
+    held = _symmetric(gram[1])
+    errors = {}
+    for alpha in grid:
+        system = gram[0] - gram[1]
+        lam = _damp(system, alpha)
+        fit = _solve(_cholesky(system), (rhs[0] - rhs[1] + lam * prior).T).T
+        errors[alpha] = float(((fit @ held) * fit).sum() - 2 * (fit * rhs[1]).sum())
+    return min(errors, key=errors.get)
+
+
+def _kept_inputs(gram: torch.Tensor, cross: torch.Tensor, lam: torch.Tensor, alpha: float, count: int
+                 ) -> torch.Tensor:
+    """The `count` writer inputs greedy OBS keeps (ascending), from the damped Gram matrix (its lower
+    triangle) and the right-hand side of the writer's fit: the best fit on all inputs, W* = cross G^-1,
+    gives the form W*^T W*; the inputs whose loss the others' refit absorbs best go first."""
+    undamped = _symmetric(gram)
+    undamped.diagonal().sub_(lam)
+    best = _solve(_cholesky(gram.tril()), cross.T).T
+    order, _ = removal_order((best.T @ best)[None], undamped[None], len(gram) - count, alpha)
+    alive = torch.ones(len(gram), dtype=torch.bool, device=gram.device)
+    alive[order.to(gram.device)] = False
+    return alive.nonzero()[:, 0]
+
+
+def _symmetric(lower: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle `lower` holds (a Gram matrix accumulated below the
+    diagonal only), as a new tensor."""
+    return lower.tril() + lower.tril(-1).T
+
+
+def _keep_inputs(fit: nn.Module, block: SubBlock, kept: torch.Tensor) -> None:
+    """Cut `fit`'s sub-block down to the writer inputs `kept`: the readers' rows (and biases) that make
+    them and the writer's columns that read them."""
+    for name in block.readers:
+        reader = fit.get_submodule(name)
+        reader.weight = nn.Parameter(reader.weight[kept], requires_grad=False)
+        if reader.bias is not None:
+            reader.bias = nn.Parameter(reader.bias[kept], requires_grad=False)
+        reader.out_features = len(kept)
+    writer = fit.get_submodule(block.writer)
+    writer.weight = nn.Parameter(writer.weight[:, kept], requires_grad=False)
+    writer.in_features = len(kept)
+
+
+def removal_order(forms: torch.Tensor, grams: torch.Tensor, remove: int, alpha: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `remove` inputs greedy OBS drops, in order, and the relative error each one adds (summed over
+    sites), from the forms M = W*^T W* (sites, m, m; W* the best fit on all m inputs) and the inputs'
+    Gram matrices G (sites, m, m), damped here by alpha x the mean diagonal. One input at a time (the OBS
+    recursion of Hassibi & Stork, in SparseGPT's column form), with H = G^-1:
+
+        cost(j) = M_jj / H_jj / tr(M G);   then, u = H[:, j] / H_jj, v = M[:, j]:
+        M <- M - u v^T - v u^T + M_jj u u^T,   H <- H - H_jj u u^T,
+
+    the least-squares error the refit of the others cannot absorb (relative to the site's output energy,
+    so that no site outweighs another by scale); the costs of the inputs removed one after another add
+    up to the error of the set."""
+    gram = grams.double().clone()
+    diagonal = gram.diagonal(dim1=1, dim2=2)
+    diagonal += alpha * diagonal.mean(1, keepdim=True)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    form = forms.double() / torch.einsum("sij,sji->s", forms.double(), gram)[:, None, None]
+    alive = torch.ones(form.shape[-1], dtype=torch.bool, device=form.device)
+    order, costs = [], []
+    for _ in range(remove):
+        cost = (form.diagonal(dim1=1, dim2=2) / inverse.diagonal(dim1=1, dim2=2)).sum(0)
+        cost = torch.where(alive, cost, torch.inf)
+        j = int(cost.argmin())
+        h = inverse[:, :, j].clone()
+        u = h / h[:, j:j + 1]
+        v = form[:, :, j].clone()
+        w = v - v[:, j:j + 1] * u
+        form.baddbmm_(torch.stack([u, w], 2), torch.stack([v, u], 1), alpha=-1)
+        inverse.baddbmm_(h[:, :, None], u[:, None, :], alpha=-1)
+        alive[j] = False
+        order.append(j)
+        costs.append(float(cost[j]))
+    return torch.tensor(order, dtype=torch.long), torch.tensor(costs, dtype=torch.float64)
+
 
 
 def _writer_input(layer: nn.Module, block: SubBlock, normed: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -113,7 +113,9 @@ def prune_summary_text(record: dict) -> str:
     if "recovery" in record:
         recovery = record["recovery"]
         parts = ", ".join(recovery["parts"])
-        lines.append(f"recovery {recovery['method']} ({parts}): {recovery['seconds']} s")
+        kept = recovery.get("mlp_channels_kept")
+        channels = f", {kept} MLP channels kept a layer" if kept else ""
+        lines.append(f"recovery {recovery['method']} ({parts}{channels}): {recovery['seconds']} s")
     if "disk_bytes" in record:
         lines.append(f"checkpoint: {record['disk_bytes'] / 1e6:.0f} MB in {record['saved_dtype']}")
     lines.append(f"done in {record['seconds']} s")

@@ -207,6 +207,13 @@ class PruneSettings(Settings):
                                          metavar="N|auto")
     recover_alpha: float = option(0.1, "ridge damping of recovery, relative to the mean Gram diagonal",
                                   minimum=0)
+    recover_alpha_grid: tuple[float, ...] = option((), "choose each reader's and writer's damping from these "
+                                                   "by its error on held-out calibration batches (every "
+                                                   "fourth) instead of --recover-alpha", empty=True,
+                                                   minimum=0, metavar="ALPHA")
+    mlp_sparsity: float = option(0.0, "fraction of every layer's MLP channels to remove as well: each "
+                                 "layer's go by greedy OBS on the recovery set, and down_proj is refit on "
+                                 "the rest (needs --recover full)", minimum=0, maximum=1)
     random_seed: int = option(0, "seed of --method random's ranking (--seed draws the calibration "
                               "samples)", minimum=0, maximum=2**64 - 1)
 

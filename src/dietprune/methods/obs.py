@@ -8,18 +8,13 @@ refitting the kept columns by least squares on a task's tokens (what recovery do
     E_s(S) = tr(R_S Sigma_S|K R_S^T),   Sigma_S|K = ((G_s^-1)_SS)^-1,   G_s = sum over tokens of n n^T,
 
 the readers' weights on S times the part of the dropped dims the kept ones cannot predict. A dim the
-others predict costs nothing to drop however large its activations, which mean |a| cannot see. One dim
-at a time (the OBS recursion of Hassibi & Stork, in SparseGPT's column form), with H = G^-1 and
-M = R^T R (the compensated readers' d x d form; the head's E^T E summed over chunks of its rows):
-
-    cost_s(j) = M_jj / H_jj;   then, u = H[:, j] / H_jj, m = M[:, j]:
-    M <- M - u m^T - m u^T + M_jj u u^T,   H <- H - H_jj u u^T,
-
-and the costs of the dims removed one after another add up to E_s of the set. For each task the dim
-with the least sum over sites of cost_s(j) / tr(M_s G_s) (each site's error relative to its dense
-output energy, so no site outweighs another by scale) goes, until K remain; a task's score of a dim is
-how late it went (the K kept: last, all equal). G_s is damped as recovery damps it (+ alpha x its mean
-diagonal). Cost: each task's Gram matrix at every site, stored in float32, tasks x (2 x layers + 1) x
+others predict costs nothing to drop however large its activations, which mean |a| cannot see. Dims
+go one at a time by the OBS recursion (recover.removal_order, with M_s = R_s^T R_s, the head's E^T E
+summed over chunks of its rows), whose costs add up to E_s of the set; for each task the dim with the
+least sum over sites of E_s / tr(M_s G_s) (each site's error relative to its dense output energy) goes,
+until K remain; a task's score of a dim is how late it went (the K kept: last, all equal). G_s is damped
+as recovery damps it (+ alpha x its mean diagonal).
+Cost: each task's Gram matrix at every site, stored in float32, tasks x (2 x layers + 1) x
 d^2 x 4 bytes (0.42 GB for Gemma-3 270M's 7 tasks, 16 GB for Gemma-2 9B's: refused above MAX_BYTES), and
 d - K greedy steps over all sites per task.
 """
@@ -33,6 +28,7 @@ from dietprune.errors import DietError
 from dietprune.methods.base import Method, Seen
 from dietprune.profile import ActivationStats
 from dietprune.progress import progress
+from dietprune.recover import removal_order
 from dietprune.sequential import Observer, Weights
 from dietprune.settings import PruneSettings
 
@@ -94,33 +90,6 @@ class ReaderGrams(Observer):
         forms = torch.stack([*self.forms, head])
         grams = torch.stack([*self.grams, self.final.float()], dim=1)
         return forms, grams
-
-
-def removal_order(forms: torch.Tensor, grams: torch.Tensor, remove: int, alpha: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `remove` dims greedy OBS drops, in order, and the relative error each one adds (summed over
-    sites), from the readers' forms M (sites, d, d) and one corpus's Gram matrices G (sites, d, d)."""
-    gram = grams.double().clone()
-    diagonal = gram.diagonal(dim1=1, dim2=2)
-    diagonal += alpha * diagonal.mean(1, keepdim=True)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
-    form = forms.double() / torch.einsum("sij,sji->s", forms.double(), gram)[:, None, None]
-    alive = torch.ones(form.shape[-1], dtype=torch.bool)
-    order, costs = [], []
-    for _ in range(remove):
-        cost = (form.diagonal(dim1=1, dim2=2) / inverse.diagonal(dim1=1, dim2=2)).sum(0)
-        cost = torch.where(alive, cost, torch.inf)
-        j = int(cost.argmin())
-        h = inverse[:, :, j].clone()
-        u = h / h[:, j:j + 1]
-        m = form[:, :, j].clone()
-        w = m - m[:, j:j + 1] * u
-        form.baddbmm_(torch.stack([u, w], 2), torch.stack([m, u], 1), alpha=-1)
-        inverse.baddbmm_(h[:, :, None], u[:, None, :], alpha=-1)
-        alive[j] = False
-        order.append(j)
-        costs.append(float(cost[j]))
-    return torch.tensor(order, dtype=torch.long), torch.tensor(costs, dtype=torch.float64)
 
 
 def scores(seen: Seen, settings: PruneSettings) -> dict[str, ActivationStats]:
