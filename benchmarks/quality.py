@@ -72,6 +72,7 @@ CONFIGS |= {f"h{round(100 * hidden)}+mlp": ROUND_6 | {"hidden": hidden} for hidd
 CONFIGS["grid"] = ROUND_6 | {"recover_alpha_grid": (0.01, 0.1, 1.0)}
 # issue 27: what the default's mask is worth once the refit is there (a measurement, no decision)
 CONFIGS |= {f"random{seed}+default": ROUND_6 | {"method": "random", "random_seed": seed} for seed in (0, 1)}
+CONFIGS["agnostic+default"] = ROUND_6 | {"method": "agnostic"}
 TEST_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
 DEV_TASKS = ("boolq", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa")
 HELDOUT = {"test": ("sciq", "social_iqa", "commonsense_qa", "copa"),  # calibrated on by no configuration
