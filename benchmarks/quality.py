@@ -160,10 +160,15 @@ def pruned_in_steps(dense, sparsity: float, options: dict):
     sparsity, options = budget_matched(dense.model, sparsity, options)
     model, tokenizer, width = dense, None, config.hidden_size
     for step in (*options.pop("steps", ()), sparsity):
-        kept = kept_width(config.hidden_size, step, kept_width_step(config, step, None))
+        kept = kept_at(config, step)
         pruned = prune(model, tokenizer, sparsity=1 - kept / width, **options)
         model, tokenizer, width = pruned.model, pruned.tokenizer, kept
     return pruned
+
+
+def kept_at(config, sparsity: float) -> int:
+    """The dense width K a prune at `sparsity` keeps (the automatic --round-to)."""
+    return kept_width(config.hidden_size, sparsity, kept_width_step(config, sparsity, None))
 
 
 def budget_matched(model, sparsity: float, options: dict) -> tuple[float, dict]:
@@ -175,12 +180,8 @@ def budget_matched(model, sparsity: float, options: dict) -> tuple[float, dict]:
     if hidden is None:
         return sparsity, options
     config = model.config
-
-    def kept(s: float) -> int:
-        return kept_width(config.hidden_size, s, kept_width_step(config, s, None))
-
-    k = kept(hidden)
-    surplus = sliced_param_count(model, k) - sliced_param_count(model, kept(sparsity))
+    k = kept_at(config, hidden)
+    surplus = sliced_param_count(model, k) - sliced_param_count(model, kept_at(config, sparsity))
     channels = round(surplus / (3 * k * config.num_hidden_layers))
     return hidden, options | {"mlp_sparsity": channels / config.intermediate_size}
 

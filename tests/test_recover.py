@@ -183,7 +183,7 @@ def test_mlp_channels_cut_reach_a_stock_checkpoint(isolated_cache, tmp_path):
 def test_the_damping_grid_chooses_by_the_held_out_batches():
     """A fit whose held-out batches follow the same map as the others takes the least damping; one whose
     held-out targets follow the prior (the plain slice) instead takes the most."""
-    from dietprune.recover import _chosen
+    from dietprune.recover import _chosen, _held_out_fits
 
     torch.manual_seed(0)
     x = [torch.randn(50, 6, dtype=torch.float64) for _ in range(2)]  # the fit batches, the held-out ones
@@ -195,8 +195,12 @@ def test_the_damping_grid_chooses_by_the_held_out_batches():
         rhs = torch.stack([targets[0].T @ x[0] + targets[1].T @ x[1], targets[1].T @ x[1]])
         return gram, rhs
 
-    assert _chosen(*statistics(true), prior, (1e-3, 1.0, 1e3)) == 1e-3
-    assert _chosen(*statistics(prior), prior, (1e-3, 1.0, 1e3)) == 1e3
+    def chosen(held_map):
+        gram, rhs = statistics(held_map)
+        return _chosen(*_held_out_fits(gram, (1e-3, 1.0, 1e3)), rhs, prior)
+
+    assert chosen(true) == 1e-3
+    assert chosen(prior) == 1e3
 
 
 def test_a_one_value_grid_is_that_fixed_damping():

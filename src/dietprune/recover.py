@@ -150,13 +150,16 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
         gram, cross = _zeros(k, k, device, 2 if held else 1), _zeros(d, k, device, 2 if held else 1)
         for b in batches:
             n, n_fit = rows(b, normed[b]), rows(b, fit_normed[b])
-            for part in (0, 1) if b in held else (0,):  # all batches, then the held-out ones
-                _accumulate_gram(gram[part], n_fit.double())
-                _accumulate(cross[part], n, n_fit)
+            stack = slice(2 if b in held else 1)  # all batches, and the held-out ones
+            _accumulate_gram(gram[stack], n_fit.double())
+            _accumulate(cross[stack], n, n_fit)
         alphas = dict.fromkeys(block.readers, alpha)
-        for name in block.readers if held else ():
-            weight, prior = (module.get_submodule(name).weight.double() for module in (dense_layer, fit))
-            alphas[name] = _chosen(gram, weight @ cross, prior, grid)
+        if held:
+            fits, held_gram = _held_out_fits(gram, grid)
+            for name in block.readers:
+                weight, prior = (module.get_submodule(name).weight.double() for module in (dense_layer, fit))
+                alphas[name] = _chosen(fits, held_gram, weight @ cross, prior)
+            del fits, held_gram
         for a in sorted(set(alphas.values())):  # one factorisation per damping
             system = gram[0].clone() if held else gram[0]
             lam = _damp(system, a)
@@ -179,16 +182,18 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
         gram, cross = _zeros(m, m, device, 2 if held else 1), _zeros(len(keep), m, device, 2 if held else 1)
         for b in batches:
             z = rows(b, z_fit[b])
-            for part in (0, 1) if b in held else (0,):
-                _accumulate_gram(gram[part], z)
-                _accumulate(cross[part], rows(b, outputs[b])[:, keep].double(), z.double(), scale=c)
-        writer_alpha = _chosen(gram, cross, writer.weight.double(), grid) if held else alpha
-        chosen += [writer_alpha] if held else []
+            stack = slice(2 if b in held else 1)
+            _accumulate_gram(gram[stack], z)
+            _accumulate(cross[stack], rows(b, outputs[b])[:, keep].double(), z.double(), scale=c)
+        writer_alpha = alpha
+        if held:
+            writer_alpha = _chosen(*_held_out_fits(gram, grid), cross, writer.weight.double())
+            chosen.append(writer_alpha)
         gram, cross = gram[0], cross[0]
         lam = _damp(gram, writer_alpha)
         cross.add_(writer.weight.to(torch.float64), alpha=lam)
         if inputs is not None:
-            kept = _kept_inputs(gram, cross, lam, writer_alpha, inputs)
+            kept = _kept_inputs(gram, cross, inputs)
             _keep_inputs(fit, block, kept)
             gram, cross = gram[kept][:, kept], cross[:, kept]  # sorted: the lower triangle stays lower
             z_fit = [z[..., kept] for z in z_fit]
@@ -228,29 +233,37 @@ def _zeros(rows: int, columns: int, device: torch.device, count: int) -> torch.T
     return torch.zeros(count, rows, columns, dtype=torch.float64, device=device)
 
 
-def _chosen(gram: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, grid: tuple[float, ...]) -> float:
-    """The damping of `grid` whose fit on the batches not held out predicts the held-out ones best.
-    gram, rhs: (all, held out) Gram matrices (lower triangles) and right-hand sides R = sum t x^T; a fit
-    W is scored by its held-out error less the target's energy, tr(W G_h W^T) - 2 tr(W R_h^T)."""
-    held = _symmetric(gram[1])
-    errors = {}
+def _held_out_fits(gram: torch.Tensor, grid: tuple[float, ...]
+                   ) -> tuple[dict[float, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """From the (all, held-out) Gram matrices (lower triangles): per damping of `grid`, the Cholesky
+    factor and lam of the system on the batches not held out, and the held-out Gram matrix (symmetric).
+    Shared by every fit on the same inputs (a norm site's readers)."""
+    fits = {}
     for alpha in grid:
         system = gram[0] - gram[1]
         lam = _damp(system, alpha)
-        fit = _solve(_cholesky(system), (rhs[0] - rhs[1] + lam * prior).T).T
+        fits[alpha] = _cholesky(system), lam
+    return fits, _symmetric(gram[1])
+
+
+def _chosen(fits: dict[float, tuple[torch.Tensor, torch.Tensor]], held: torch.Tensor, rhs: torch.Tensor,
+            prior: torch.Tensor) -> float:
+    """The damping whose fit on the batches not held out predicts the held-out ones best. `fits`, `held`:
+    from _held_out_fits; rhs: (all, held-out) right-hand sides R = sum t x^T. A fit W is scored by its
+    held-out error less the target's energy, tr(W G_h W^T) - 2 tr(W R_h^T)."""
+    errors = {}
+    for alpha, (factor, lam) in fits.items():
+        fit = _solve(factor, (rhs[0] - rhs[1] + lam * prior).T).T
         errors[alpha] = float(((fit @ held) * fit).sum() - 2 * (fit * rhs[1]).sum())
     return min(errors, key=errors.get)
 
 
-def _kept_inputs(gram: torch.Tensor, cross: torch.Tensor, lam: torch.Tensor, alpha: float, count: int
-                 ) -> torch.Tensor:
+def _kept_inputs(gram: torch.Tensor, cross: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` writer inputs greedy OBS keeps (ascending), from the damped Gram matrix (its lower
     triangle) and the right-hand side of the writer's fit: the best fit on all inputs, W* = cross G^-1,
     gives the form W*^T W*; the inputs whose loss the others' refit absorbs best go first."""
-    undamped = _symmetric(gram)
-    undamped.diagonal().sub_(lam)
     best = _solve(_cholesky(gram.tril()), cross.T).T
-    order, _ = removal_order((best.T @ best)[None], undamped[None], len(gram) - count, alpha)
+    order, _ = removal_order((best.T @ best)[None], _symmetric(gram)[None], len(gram) - count, alpha=0.0)
     alive = torch.ones(len(gram), dtype=torch.bool, device=gram.device)
     alive[order.to(gram.device)] = False
     return alive.nonzero()[:, 0]
@@ -327,17 +340,18 @@ def _writer_input(layer: nn.Module, block: SubBlock, normed: torch.Tensor, kwarg
 
 def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> None:
     """total += scale a^T b: one batch's (or chunk of rows') product in the dtype of a and b, the running
-    sum in total's float64."""
+    sum in total's float64 (a stack of totals: the one product added to each)."""
     total.add_(a.T @ b, alpha=scale)
 
 
 def _accumulate_gram(total: torch.Tensor, x: torch.Tensor, blocks: int = 4) -> None:
     """The lower triangle of total += x^T x, by column blocks: only the blocks on and below the diagonal
     are multiplied (10 of 16 at 4 blocks). The rest of the upper triangle is left as it is: the damping
-    reads the diagonal, the Cholesky factorisation the lower triangle."""
+    reads the diagonal, the Cholesky factorisation the lower triangle. A stack of totals gets each block
+    product once, added to each."""
     step = -(-x.shape[1] // blocks)
     for i in range(0, x.shape[1], step):
-        total[i:, i:i + step].add_(x[:, i:].T @ x[:, i:i + step])
+        total[..., i:, i:i + step].add_(x[:, i:].T @ x[:, i:i + step])
 
 
 def _damp(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -394,10 +408,7 @@ def _head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torc
             x = _normalised(norm, dense.real(b, pruned.hidden[b].to(device)).double())
             _accumulate(btb, x, x)
             _accumulate(ntb, n, x)
-    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
-    for rows in weights.rows(f"{weights.head}.weight", HEAD_ROWS):
-        rows = rows.to(device, torch.float64)
-        _accumulate(gram, rows, rows)
+    gram = head_gram(weights, device)
 
     def refit(weight: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
         system = scale ** 2 * gram[keep][:, keep] * btb
@@ -409,6 +420,17 @@ def _head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torc
         return (a - offset).to(weight.device, weight.dtype)
 
     return refit
+
+
+def head_gram(weights: Weights, device: torch.device) -> torch.Tensor:
+    """E^T E of the LM head E (d x d, float64, on `device`), summed over chunks of its rows (a streamed
+    head is read a chunk at a time)."""
+    d = weights.model.config.hidden_size
+    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for rows in weights.rows(f"{weights.head}.weight", HEAD_ROWS):
+        rows = rows.to(device, torch.float64)
+        _accumulate(gram, rows, rows)
+    return gram
 
 
 def _normalised(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

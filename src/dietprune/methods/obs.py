@@ -28,11 +28,10 @@ from dietprune.errors import DietError
 from dietprune.methods.base import Method, Seen
 from dietprune.profile import ActivationStats
 from dietprune.progress import progress
-from dietprune.recover import removal_order
+from dietprune.recover import head_gram, removal_order
 from dietprune.sequential import Observer, Weights
 from dietprune.settings import PruneSettings
 
-HEAD_ROWS = 1 << 12  # vocabulary rows per product of the head's E^T E
 MAX_BYTES = 8 << 30  # the Gram matrices this method may hold
 
 
@@ -83,11 +82,7 @@ class ReaderGrams(Observer):
     @torch.no_grad()
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(forms (sites, d, d) float64, grams (corpora, sites, d, d) float32), the head's site last."""
-        head = torch.zeros_like(self.final[0])
-        for rows in self.weights.rows(f"{self.weights.head}.weight", HEAD_ROWS):
-            rows = rows.cpu().double()
-            head += rows.T @ rows
-        forms = torch.stack([*self.forms, head])
+        forms = torch.stack([*self.forms, head_gram(self.weights, torch.device("cpu"))])
         grams = torch.stack([*self.grams, self.final.float()], dim=1)
         return forms, grams
 
