@@ -4,6 +4,7 @@ initialised Gemma-3 models shaped like Gemma-3 1B and like Gemma-2 2B (same code
 are enough to measure memory), to show how the ratio behaves once weights dominate the process.
 
     .venv/bin/python benchmarks/prune_memory.py [--models embedded 1b 2b] [--recover none full]
+    .venv/bin/python benchmarks/prune_memory.py --configs NAME ...   # quality.py's configurations, 20%
 
 Rows not measured in this run are kept from the previous results file.
 
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 SHAPES = {
@@ -65,6 +67,27 @@ def peak_rss_of_prune(model: str, out: Path, cache: Path, options: list[str]) ->
     return {"peak_rss_bytes": peak, "wall": wall, "summary": json.loads(stdout)}
 
 
+def measure_config(name: str, model_dir: Path, work: Path) -> dict:
+    """The embedded model pruned by quality.py's configuration `name` (its options as a config file),
+    at 20%, with a fresh cache: the cost beside that configuration's accuracy in docs/RESULTS.md."""
+    from quality import CONFIGS  # benchmarks/ is on the path of a script run from it
+
+    from dietprune.settings import CalibrationSettings, PruneSettings
+
+    options = dict(CONFIGS[name])
+    known = {f.name for group in (PruneSettings, CalibrationSettings) for f in fields(group)}
+    if not options.keys() <= known:
+        raise SystemExit(f"{name} is not a plain prune (quality.py prunes it its own way)")
+    config = work / f"{name}.json"
+    config.write_text(json.dumps(options))
+    cache = work / f"cache-{name}"
+    (cache / "models").mkdir(parents=True)
+    result = peak_rss_of_prune(str(model_dir), work / f"pruned-{name}", cache, ["--config", str(config)])
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    return {"model": "gemma-3-270m", "config": name, "options": options, "weight_bytes": weights, **result,
+            "peak_over_weights": result["peak_rss_bytes"] / weights}
+
+
 def measure(name: str, model_dir: Path, work: Path, recover: str, samples: int, recover_samples: int = 32
             ) -> dict:
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
@@ -84,6 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=("embedded", *SHAPES), default=["embedded", *SHAPES])
     parser.add_argument("--recover", nargs="+", choices=("none", "full"), default=["none", "full"])
+    parser.add_argument("--configs", nargs="+", default=[], help="instead, the embedded model pruned by "
+                        "these configurations of benchmarks/quality.py")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_memory.json"))
     args = parser.parse_args()
     from transformers import AutoConfig, AutoTokenizer
@@ -92,9 +117,14 @@ def main() -> None:
 
     embedded = Path(resolve("gemma-3-270m").path)
     old = json.loads(args.out.read_text()) if args.out.is_file() else []
-    rows = {(row["model"], row.get("recover", "none")): row for row in old}
+    rows = {(row["model"], row.get("config") or row.get("recover", "none")): row for row in old}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        for name in args.configs:
+            row = rows["gemma-3-270m", name] = measure_config(name, embedded, work)
+            print(json.dumps(row), flush=True)
+        if args.configs:
+            args.models = []
         if "embedded" in args.models:
             for recover in args.recover:
                 row = rows["gemma-3-270m", recover] = measure("gemma-3-270m", embedded, work, recover, 100)

@@ -143,9 +143,9 @@ def stock_logits(directories: list, input_ids: torch.Tensor) -> dict[str, torch.
 
 
 def recovered(model, texts, keep, parts, in_place: bool = False, alpha: float = 0.01, rows: int = 8,
-              channels: int | None = None, grid: tuple[float, ...] = ()):
+              channels: int | None = None, grid: tuple[float, ...] = (), head: str = "gains"):
     """The slice of a model in memory to `keep` (and `channels` MLP channels) with `parts` refit on
-    `texts` (recover.py), the readers' and writers' dampings from `grid` if given."""
+    `texts` (recover.py), the readers' and writers' dampings from `grid` if given, the head by `head`."""
     from dietprune.assemble import MemorySink
     from dietprune.calibration import Corpus
     from dietprune.models.edit import edited_config
@@ -157,5 +157,5 @@ def recovered(model, texts, keep, parts, in_place: bool = False, alpha: float = 
     sink = MemorySink(edited_config(model.config, changes), weights.dtype, in_place)
     corpus = Corpus("texts", tuple(map(str, range(len(texts)))), tuple(texts))
     recover(weights, tiny_tokenizer(), [corpus], keep, parts, alpha, batching(rows), sink, in_place, channels,
-            grid)
+            grid, head)
     return sink.finish()

@@ -349,6 +349,12 @@ def test_mlp_sparsity_refuses_what_it_cannot_do(words, message, tiny_dir, tmp_pa
     assert err == f"diet: error: {message}"
 
 
+def test_a_linear_head_needs_the_full_refit(tiny_dir, tmp_path, capsys):
+    err = refused([*command_line("prune", tiny_dir, tmp_path), *FAST_PROFILE, "--recover", "lsq",
+                   "--recover-head", "linear"], tmp_path, capsys)
+    assert err == "diet: error: --recover-head linear refits the head in --recover full, not lsq"
+
+
 def test_a_damping_grid_needs_a_refit(tiny_dir, tmp_path, capsys):
     err = refused([*command_line("prune", tiny_dir, tmp_path), *FAST_PROFILE, "--recover", "none",
                    "--recover-alpha-grid", "0.01", "0.1"], tmp_path, capsys)

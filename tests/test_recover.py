@@ -14,16 +14,17 @@ TEXTS = ["the a is of b c d e", "Question: is the a ? Answer: yes", "a b c d e f
 KEEP = torch.randperm(HIDDEN, generator=torch.Generator().manual_seed(0))[:32]
 
 
+@pytest.mark.parametrize("head", ["gains", "linear"])
 @pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
-def test_nothing_pruned_changes_nothing(model_type, monkeypatch):
+def test_nothing_pruned_changes_nothing(model_type, head, monkeypatch):
     """To the float32 forward passes' rounding with float64 products; with the default float32 ones
     (recover.PRODUCTS) to their rounding too, which these tiny ill-conditioned systems amplify to
-    about 3e-5 of a weight's scale."""
+    about 3e-5 of a weight's scale. The linear head's map is then the identity (a tied one's too)."""
     model = tiny_model(model_type)
     before = slice_model(model, torch.arange(HIDDEN)).state_dict()
     for products, tolerance in ((torch.float64, 1e-5), (torch.float32, 1e-4)):
         monkeypatch.setattr("dietprune.recover.PRODUCTS", products)
-        after = recovered(model, TEXTS, torch.arange(HIDDEN), PARTS).state_dict()
+        after = recovered(model, TEXTS, torch.arange(HIDDEN), PARTS, head=head).state_dict()
         assert all((before[k] - v).abs().max() <= tolerance * before[k].abs().max() for k, v in after.items())
 
 
@@ -56,19 +57,33 @@ def test_exact_when_the_pruned_dims_are_copies_of_kept_ones():
     assert torch.allclose(attention["repaired"][real], attention["dense"][real], atol=1e-4)
 
 
-@pytest.mark.parametrize("parts", [("readers",), PARTS])
-@pytest.mark.parametrize("model_type", ["gemma3_text", "llama", "qwen3"])
-def test_recovery_moves_the_pruned_model_towards_the_dense_one(model_type, parts):
-    model, tok = tiny_model(model_type), tiny_tokenizer()
-    batch = tok(TEXTS[:4], return_tensors="pt", padding=True)
+def _logits_error(model, pruned) -> float:
+    """Mean squared difference of the pruned model's logits from the dense model's on calibration text."""
+    batch = tiny_tokenizer()(TEXTS[:4], return_tensors="pt", padding=True)
     real = batch["attention_mask"].bool()
     with torch.no_grad():
-        dense = model(**batch).logits[real]
-        plain_error = (slice_model(model, KEEP)(**batch).logits[real] - dense).pow(2).mean()
-        sliced = recovered(model, TEXTS, KEEP, parts)
-        repaired_error = (sliced(**batch).logits[real] - dense).pow(2).mean()
-    assert repaired_error < 0.7 * plain_error
+        return float((pruned(**batch).logits[real] - model(**batch).logits[real]).pow(2).mean())
+
+
+@pytest.mark.parametrize(("parts", "head"), [(("readers",), "gains"), (PARTS, "gains"), (PARTS, "linear")])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "llama", "qwen3"])
+def test_recovery_moves_the_pruned_model_towards_the_dense_one(model_type, parts, head):
+    model = tiny_model(model_type)
+    sliced = recovered(model, TEXTS, KEEP, parts, head=head)
+    assert _logits_error(model, sliced) < 0.7 * _logits_error(model, slice_model(model, KEEP))
     assert sliced.config.hidden_size == len(KEEP)  # same shapes as the plain sliced model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_an_untied_linear_head_fits_the_logits_better_than_the_gains(model_type):
+    """Fitted last on the pruned model's own final states, the linear map is the least-squares fit of the
+    logits over a family that holds every rescaling of the kept columns (the gains' family): with
+    little damping its logits are nearer the dense ones on the texts it was fitted on (here, on random
+    weights, by more than 10x; a map fitted to the wrong states or applied to the wrong matrix is not)."""
+    model = tiny_model(model_type)
+    errors = {head: _logits_error(model, recovered(model, TEXTS, KEEP, PARTS, alpha=1e-4, head=head))
+              for head in ("gains", "linear")}
+    assert errors["linear"] < 0.1 * errors["gains"]
 
 
 def test_deterministic():
@@ -77,19 +92,22 @@ def test_deterministic():
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+@pytest.mark.parametrize("head", ["gains", "linear"])
 @pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
-def test_in_place_recovery_lives_in_the_dense_memory_and_gives_the_same_model(model_type):
+def test_in_place_recovery_lives_in_the_dense_memory_and_gives_the_same_model(model_type, head):
     """Sliced and refit block by block, each block then moved into the dense block's memory: the result
-    of the copying run, and every weight of the pruned model inside the dense model's tensors."""
-    copied = recovered(tiny_model(model_type), TEXTS, KEEP, PARTS).state_dict()
+    of the copying run, and every weight of the pruned model inside the dense model's tensors (the
+    linear head's map too: it is written over the matrix it reads, a chunk of rows at a time)."""
+    copied = recovered(tiny_model(model_type), TEXTS, KEEP, PARTS, head=head).state_dict()
     dense = tiny_model(model_type)
     memory = {p.data_ptr() for p in dense.parameters()}
-    pruned = recovered(dense, TEXTS, KEEP, PARTS, in_place=True)
+    pruned = recovered(dense, TEXTS, KEEP, PARTS, in_place=True, head=head)
     in_place = pruned.state_dict()
     assert copied.keys() == in_place.keys()
     assert all(torch.equal(copied[k], in_place[k]) for k in copied)
     matrices = [p for p in pruned.model.layers.parameters() if p.dim() == 2]
     assert matrices and all(p.data_ptr() in memory for p in matrices)
+    assert pruned.get_input_embeddings().weight.data_ptr() in memory
 
 
 def test_the_blocked_cholesky_solves_in_place_what_lapack_solves():

@@ -85,13 +85,14 @@ def test_capture_reads_no_block_weights(tmp_path):
 
 
 @pytest.mark.parametrize("options", [["--recover", "none"], ["--recover", "full"],
-                                     ["--mlp-sparsity", "0.25"]], ids=["none", "full", "mlp"])
+                                     ["--mlp-sparsity", "0.25"], ["--recover-head", "linear"]],
+                         ids=["none", "full", "mlp", "linear-head"])
 @pytest.mark.parametrize("model_type", ["gemma3_text", "qwen2"])
 def test_a_streamed_prune_writes_the_checkpoint_of_the_in_memory_prune(model_type, options, tmp_path,
                                                                        isolated_cache):
     """--weights stream (blocks read from the files, the pruned blocks written straight to the output)
     gives the checkpoint --weights load gives: same mask, same tensors, same saved form (MLP channels
-    cut too, with --mlp-sparsity)."""
+    cut too, with --mlp-sparsity; the head refit as a map, tied to the embedding or not)."""
     source = tmp_path / "dense"
     tiny_model(model_type).save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)

@@ -284,7 +284,8 @@ def run(model: str | None, out: Path, prune_settings: PruneSettings | None = Non
     loaded = load(model, runtime)
     dense_results = evaluate(loaded, settings=eval_settings, calibration_settings=calibration)
     compared = {}
-    paper = replace(prune_settings, recover="none", recover_alpha_grid=(), mlp_sparsity=0.0)
+    paper = replace(prune_settings, recover="none", recover_alpha_grid=(), mlp_sparsity=0.0,
+                    recover_head="gains")
     site = resolve_site(calibration.site, resolve_recover(get_method(prune_settings.method),
                                                           prune_settings.recover))
     if prune_settings.method == "diet" and (prune_settings, site) != (paper, "block_output"):

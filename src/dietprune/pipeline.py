@@ -95,8 +95,9 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
             out = sink(config, into_dense=in_place)
             grid = plan.settings.recover_alpha_grid
             chosen = recover(weights, tokenizer, corpora, keep, plan.parts, plan.settings.recover_alpha,
-                             plan.batching, out, in_place, plan.channels, grid)
+                             plan.batching, out, in_place, plan.channels, grid, plan.settings.recover_head)
             record["recovery"] = {"method": plan.settings.recover, "parts": list(plan.parts),
+                                  "head": plan.settings.recover_head,
                                   "alpha": plan.settings.recover_alpha, "mlp_channels_kept": plan.channels,
                                   "alpha_chosen": {str(a): chosen.count(a) for a in grid},
                                   "seconds": round(time.perf_counter() - started, 1),

@@ -168,6 +168,9 @@ def make_plan(config, settings: PruneSettings, calibration: CalibrationSettings,
                         "--device-map")
     if settings.recover_alpha_grid and settings.recover == "none":
         raise DietError("--recover-alpha-grid chooses the refit's damping: it needs --recover lsq or full")
+    if settings.recover_head != "gains" and settings.recover != "full":
+        raise DietError(f"--recover-head {settings.recover_head} refits the head in --recover full, not "
+                        f"{settings.recover}")
     saved = save_dtype(runtime.save_dtype, stored, dtype)
     return Plan(method, settings, calibration, runtime, device, dtype, saved,
                 batching(calibration, device, config.hidden_size), config.hidden_size, k, step, stream,

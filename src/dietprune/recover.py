@@ -22,9 +22,21 @@ norms (the output norms of Gemma-2/3, one gain per dim): their input is normalis
     20%: as little as 21% of a writer's output energy stays, making that update 2.2x too large). Each
     gain a_k = offset + w_k is refit by least squares: a_k = (sum_t b_k o_k + lam a0_k) / (sum_t b_k^2 + lam)
     with b' the pruned input normalised without gain and o the dense norm output on dim k, times c.
-head (the final norm's gains through the LM head, K parameters): the logits E' (a * b') ~ E n over
-    calibration tokens: [(E'^T E') * (sum b' b'^T)] a = rowsum((E'^T E) * (sum n b'^T)^T), which for a
-    tied head is all that can change without untying it.
+head (the final norm's gains through the LM head E, K parameters): the logits E' (a * b') ~ E n over
+    calibration tokens: [(E'^T E') * (sum b' b'^T)] a = rowsum((E'^T E) * (sum n b'^T)^T).
+linear head (--recover-head linear): the head's K columns become E T, T (d x K) the map from the pruned
+    final norm's output f (as the head multiplies it) to the dense one's n that fits the logits,
+        T = argmin sum_t ||E T f - E n||^2 + lam ||E (T - P)||^2  =  (C_nf + lam P)(C_ff + lam I)^-1,
+    P the plain slice's column selection: E^T E cancels (the vocabulary never enters the solve), and T
+    holds the regression of the dropped dims on the kept ones. An untied head is fitted last, on the
+    pruned model's own final states (it subsumes the gains). A tied head is the embedding too, so T is
+    fitted first, on the dense model's final states masked to the kept dims (what the pruned stream
+    approximates; f is then the masked norm's output on them), the pruned stream enters block 0 as
+    c h T (the embedding E T), and the gains are refit through E T at the end. Measured on Gemma-3 270M
+    at 20%, on the dense model's own final states: the slice at the head alone takes LAMBADA perplexity
+    from 40.9 to 108, the gains to 98, T to 48.6; end to end, perplexity 73.8 instead of 79.7 and the
+    tasks -0.5 +- 0.6 points, so not the default (docs/RESULTS.md, ninth round). The tied fit costs one
+    more pass of the dense blocks.
 MLP channels (--mlp-sparsity): down_proj's fit over its m inputs has the Hessian C_z'z' + lam I whatever
     its target, so greedy OBS (removal_order) on the best all-input fit W* says which inputs the refit of
     the others absorbs best; the m - M that go leave gate/up's rows and down_proj's columns, and the
@@ -70,7 +82,16 @@ from dietprune.errors import DietError
 from dietprune.models.adapters import SubBlock
 from dietprune.models.edit import meta_model
 from dietprune.progress import progress
-from dietprune.sequential import StopForward, Stream, Weights, capture, run_module, to_device, to_meta
+from dietprune.sequential import (
+    StopForward,
+    Stream,
+    Weights,
+    capture,
+    observe,
+    run_module,
+    to_device,
+    to_meta,
+)
 from dietprune.slice import head_scale, slice_edit
 
 PARTS = ("readers", "writers", "norms", "head")
@@ -82,25 +103,33 @@ HELD_OUT = 4  # with a damping grid, every fourth calibration batch is held out 
 @torch.inference_mode()
 def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tensor, parts: tuple[str, ...],
             alpha: float, batching: Batching, sink: Sink, in_place: bool = False, channels: int | None = None,
-            grid: tuple[float, ...] = ()) -> list[float]:
+            grid: tuple[float, ...] = (), head: str = "gains") -> list[float]:
     """Slice the model of `weights` to the dims `keep` and refit `parts` so that its modules' outputs
     match the dense model's on the corpora's texts (see the module doc); every finished tensor goes to
     `sink`. `in_place`: the dense tensors outside the blocks may be sliced in their own memory.
     `channels`: the MLP channels every layer keeps (chosen when its writer is refit; None: all).
     `grid`: each reader's and writer's damping is chosen from these (`alpha` then damps only the norms
-    and the head); returns the dampings chosen, fit by fit."""
+    and the head). `head`: the head's refit with the "head" part, its final norm's gains or a linear
+    map of its columns. Returns the dampings chosen, fit by fit."""
     model, adapter = weights.model, weights.adapter
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     d, k = model.config.hidden_size, len(keep)
     c = math.sqrt(k / d)
-    blocks_edit, rest_edit = slice_edit(model, keep), slice_edit(model, keep, in_place)
+    blocks_edit = slice_edit(model, keep)
     batches, _ = corpus_batches(tokenizer, corpora, batching)
     if grid and len(batches) < HELD_OUT:
         raise DietError(f"--recover-alpha-grid holds out every {HELD_OUT}th calibration batch to choose a "
                         f"damping; the recovery set makes {len(batches)} batches")
     dense = capture(weights, batches)
     chosen: list[float] = []
-    pruned = dense.mapped(lambda h: c * h[..., keep.to(h.device)])
+    linear_head, tied = "head" in parts and head == "linear", model.config.tie_word_embeddings
+    columns = _head_columns(weights, _final_stream(weights, dense), None, keep, alpha, c) \
+        if linear_head and tied else None
+
+    def embedded(h: torch.Tensor) -> torch.Tensor:  # the pruned model's embedding output
+        return c * (h[..., keep.to(h.device)] if columns is None else h @ columns.to(h.device, h.dtype))
+
+    pruned = dense.mapped(embedded)
     layers = meta_model(blocks_edit.config).get_submodule(adapter.layers)  # the sliced blocks are refit in
     for i in progress(range(len(weights.blocks)), desc="recover", unit="block"):
         with weights.onloaded(f"{adapter.layers}.{i}") as layer:
@@ -115,13 +144,17 @@ def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tens
                                            adapter.norm_offset, device, inputs, grid)
             sink.block(i, fit.state_dict(), layer)
             to_meta(fit)
-    head = _head_statistics(weights, dense, pruned, keep, alpha) if "head" in parts else None
+    gains = None
+    if linear_head and not tied:
+        columns = _head_columns(weights, dense, pruned, keep, alpha, c)
+    elif "head" in parts:
+        gains = _head_statistics(weights, dense, pruned, keep, alpha, columns)
     final = f"{adapter.final_norm}.weight"
 
     def refit_final_norm(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return head(tensor, adapter.norm_offset, head_scale(model, k)) if name == final and head else tensor
+        return gains(tensor, adapter.norm_offset, head_scale(model, k)) if name == final and gains else tensor
 
-    apply_rest(weights, rest_edit, sink, refit_final_norm)
+    apply_rest(weights, slice_edit(model, keep, in_place, head_columns=columns), sink, refit_final_norm)
     return chosen
 
 
@@ -391,12 +424,44 @@ def _solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(factor.T, y, upper=True, out=y)
 
 
-def _head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torch.Tensor, alpha: float):
+def _final_stream(weights: Weights, dense: Stream) -> Stream:
+    """The dense model's final norm input for every batch of `dense` (left as it is): one pass of the
+    blocks."""
+    final = dense.mapped(lambda h: h)
+    observe(weights, final, [], desc="head map")
+    return final
+
+
+def _head_columns(weights: Weights, dense: Stream, pruned: Stream | None, keep: torch.Tensor, alpha: float,
+                  c: float) -> torch.Tensor:
+    """T (d x K, float64) of the linear head refit (module doc) from the final norm inputs of the dense
+    stream and of the pruned one (K dims, c times the dense scale), or, without it, of the dense stream
+    masked to the kept dims. Both go through the dense final norm with the dropped dims zero, which
+    gives the pruned final norm's output as the head multiplies it (slice.py's scales)."""
+    with weights.onloaded(weights.adapter.final_norm) as norm:
+        device = weights.device_of(norm)
+        keep = keep.to(device)
+        d, k = weights.model.config.hidden_size, len(keep)
+        gram, cross = _zeros(k, k, device, 1)[0], _zeros(d, k, device, 1)[0]
+        for b in range(len(dense)):
+            h = dense.hidden[b].to(device)
+            masked = torch.zeros_like(h)
+            masked[..., keep] = h[..., keep] if pruned is None else pruned.hidden[b].to(device, h.dtype) / c
+            f = dense.real(b, norm(masked)[..., keep])
+            _accumulate_gram(gram, f.double())
+            _accumulate(cross, dense.real(b, norm(h)).to(PRODUCTS), f.to(PRODUCTS))
+    lam = _damp(gram, alpha)
+    cross[keep, torch.arange(k, device=device)] += lam  # + lam P
+    return _solve(_cholesky(gram), cross.T).T
+
+
+def _head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torch.Tensor, alpha: float,
+                     columns: torch.Tensor | None = None):
     """What refitting the final norm's gains through the LM head E needs, taken before the head is
     sliced: B^T B and N^T B over calibration tokens (N the dense final norm's output, B the pruned final
     stream normalised without gain) and G = E^T E (d x d, summed over chunks of the head's rows). The
-    sliced head is E' = s E[:, kept], so E'^T E' = s^2 G[kept, kept] and E'^T E = s G[kept, :]. Returns
-    refit(sliced gain, norm offset, s) -> the refit gain."""
+    sliced head is E' = s E P (P = `columns`, or the kept columns' selection), so E'^T E' = s^2 P^T G P
+    and E'^T E = s P^T G. Returns refit(sliced gain, norm offset, s) -> the refit gain."""
     with weights.onloaded(weights.adapter.final_norm) as norm:
         device = weights.device_of(norm)
         keep = keep.to(device)
@@ -409,10 +474,15 @@ def _head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torc
             _accumulate(btb, x, x)
             _accumulate(ntb, n, x)
     gram = head_gram(weights, device)
+    if columns is None:
+        kept_gram, kept_cross = gram[keep][:, keep], gram[keep]
+    else:
+        kept_cross = columns.to(device).T @ gram
+        kept_gram = kept_cross @ columns.to(device)
 
     def refit(weight: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
-        system = scale ** 2 * gram[keep][:, keep] * btb
-        rhs = ((scale * gram[keep]) * ntb.T).sum(1)
+        system = scale ** 2 * kept_gram * btb
+        rhs = ((scale * kept_cross) * ntb.T).sum(1)
         a0 = offset + weight.to(device, torch.float64)
         lam = alpha * system.diagonal()
         system.diagonal().add_(lam)  # SPD: a Hadamard product of two Gram matrices (Schur), damped

@@ -25,6 +25,7 @@ SITES = ("block_output", "norm_output")
 AGGREGATIONS = ("l1", "l2")
 MERGES = ("vote", "weighted", "mean")
 RECOVERIES = ("none", "lsq", "full")
+HEAD_REFITS = ("gains", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -211,6 +212,9 @@ class PruneSettings(Settings):
                                                    "by its error on held-out calibration batches (every "
                                                    "fourth) instead of --recover-alpha", empty=True,
                                                    minimum=0, metavar="ALPHA")
+    recover_head: str = option("gains", "the LM head's refit in --recover full: the final norm's gains "
+                               "through it (gains), or its kept columns as a least-squares map of all the "
+                               "dense ones (linear; a tied embedding changes with it)", choices=HEAD_REFITS)
     mlp_sparsity: float = option(0.0, "fraction of every layer's MLP channels to remove as well: each "
                                  "layer's go by greedy OBS on the recovery set, and down_proj is refit on "
                                  "the rest (needs --recover full)", minimum=0, maximum=1)

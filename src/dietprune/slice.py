@@ -16,6 +16,7 @@ The sliced model then equals the masked one exactly in exact arithmetic.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
@@ -36,8 +37,7 @@ def _roles(model: PreTrainedModel, k: int, tied: bool | None = None) -> dict[str
     r = math.sqrt(model.config.hidden_size / k)
     c = 1 / r
     embedding_scale = 1.0 if adapter.width_scaled_embedding else c
-    tied = model.config.tie_word_embeddings if tied is None else tied
-    head_scale = embedding_scale if tied else 1.0
+    head_scale = embedding_scale if _is_tied(model, tied) else 1.0
 
     roles: dict[str, tuple[str, float]] = {adapter.final_norm: ("norm", r / head_scale)}
     for i in range(len(model.get_submodule(adapter.layers))):
@@ -51,6 +51,11 @@ def _roles(model: PreTrainedModel, k: int, tied: bool | None = None) -> dict[str
     roles[module_names[model.get_input_embeddings()]] = ("reader", embedding_scale)
     roles[module_names[model.get_output_embeddings()]] = ("reader", head_scale)
     return roles
+
+
+def _is_tied(model: PreTrainedModel, tied: bool | None = None) -> bool:
+    """Whether the LM head is the embedding's matrix (as in the model unless `tied` says otherwise)."""
+    return model.config.tie_word_embeddings if tied is None else tied
 
 
 def head_scale(model: PreTrainedModel, k: int) -> float:
@@ -74,13 +79,14 @@ def sliced_param_count(model: PreTrainedModel, k: int, untie: bool = False) -> i
     return count
 
 
-def slice_edit(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False, tied: bool | None = None
-               ) -> Edit:
+def slice_edit(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = False, tied: bool | None = None,
+               head_columns: torch.Tensor | None = None) -> Edit:
     """The slice to hidden dims `keep` as an edit (see assemble.py): a config of width len(keep), each
     block's and every other tensor's kept rows or columns, compensated to match the mask. `in_place`
     writes each sliced matrix over the front of the dense one's memory (no second copy of the weights;
     the dense model is unusable afterwards). `tied=False` slices a tied head as its own matrix (after
-    SliceGPT's rotation has untied it)."""
+    SliceGPT's rotation has untied it). `head_columns` (d x K): the LM head's K columns are E T instead
+    of E[:, keep] (recovery's linear head refit), and so are the embedding's when they are tied."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     d, k = model.config.hidden_size, len(keep)
     if not 0 < k <= d or len(keep.unique()) != k or keep.max() >= d:
@@ -89,6 +95,10 @@ def slice_edit(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = Fals
         raise DietError(f"kept width {k} is not a multiple of the {model.config.num_attention_heads} "
                         "attention heads; use --round-to so K is")
     adapter, roles = adapter_for(model.config), _roles(model, k, tied)
+    module_names = {module: name for name, module in model.named_modules()}
+    head = module_names[model.get_output_embeddings()]
+    mapped = set() if head_columns is None else {f"{head}.weight"} | (
+        {f"{module_names[model.get_input_embeddings()]}.weight"} if _is_tied(model, tied) else set())
 
     def block(index: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = f"{adapter.layers}.{index}."
@@ -96,6 +106,9 @@ def slice_edit(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = Fals
                 for name, tensor in state.items()}
 
     def rest(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name in mapped:
+            columns = head_columns.to(tensor.device, tensor.dtype)
+            return _map_columns(tensor, lambda rows: rows @ columns, k, in_place).mul_(_role(roles, name)[2])
         return _slice_tensor(tensor, *_role(roles, name), keep, adapter, in_place)
 
     changes = {"hidden_size": k} | ({} if tied is None else {"tie_word_embeddings": tied})
@@ -113,7 +126,7 @@ def _slice_tensor(tensor: torch.Tensor, role: str | None, kind: str, scale: floa
                   keep: torch.Tensor, adapter: Adapter, in_place: bool) -> torch.Tensor:
     keep = keep.to(tensor.device)
     if role == "reader" and kind == "weight":
-        return _keep_columns(tensor, keep, in_place).mul_(scale)
+        return _map_columns(tensor, lambda rows: rows[:, keep], len(keep), in_place).mul_(scale)
     if role == "writer":
         return _keep_rows(tensor, keep, in_place).mul_(scale)
     if role == "norm":
@@ -127,16 +140,18 @@ def _rows_per_chunk(matrix: torch.Tensor) -> int:
     return max(1, CHUNK_BYTES // row_bytes)
 
 
-def _keep_columns(matrix: torch.Tensor, keep: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """matrix[:, keep]; in place: chunk by chunk over the front of matrix's memory. Writing rows < i
-    never reaches row i's old data, since K < d columns per row are written."""
+def _map_columns(matrix: torch.Tensor, columns: Callable[[torch.Tensor], torch.Tensor], k: int,
+                 in_place: bool) -> torch.Tensor:
+    """columns(matrix): a map of each row's d entries to k (matrix[:, keep], or matrix @ T); in place:
+    chunk by chunk over the front of matrix's memory. Writing rows < i never reaches row i's old data,
+    since k < d entries per row are written."""
     if not in_place or not matrix.is_contiguous():
-        return matrix[:, keep]
-    rows, k = matrix.shape[0], len(keep)
+        return columns(matrix)
+    rows = matrix.shape[0]
     flat = matrix.view(-1)
     step = _rows_per_chunk(matrix)
     for start in range(0, rows, step):
-        block = matrix[start:start + step, keep]  # a copy of rows that are still intact
+        block = columns(matrix[start:start + step])  # a new tensor, from rows that are still intact
         flat[start * k:start * k + block.numel()] = block.reshape(-1)
     return flat[:rows * k].view(rows, k)
 
