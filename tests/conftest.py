@@ -149,13 +149,13 @@ def recovered(model, texts, keep, parts, in_place: bool = False, alpha: float = 
     from dietprune.assemble import MemorySink
     from dietprune.calibration import Corpus
     from dietprune.models.edit import edited_config
-    from dietprune.recover import recover
+    from dietprune.recover import Refit, recover
     from dietprune.sequential import Weights
 
     weights = Weights.of(model)
     changes = {"hidden_size": len(keep)} | ({"intermediate_size": channels} if channels else {})
     sink = MemorySink(edited_config(model.config, changes), weights.dtype, in_place)
     corpus = Corpus("texts", tuple(map(str, range(len(texts)))), tuple(texts))
-    recover(weights, tiny_tokenizer(), [corpus], keep, parts, alpha, batching(rows), sink, in_place, channels,
-            grid, head)
+    refit = Refit(parts, alpha, grid, channels, head)
+    recover(weights, tiny_tokenizer(), [corpus], keep, refit, batching(rows), sink, in_place)
     return sink.finish()

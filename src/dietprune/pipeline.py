@@ -93,13 +93,12 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
             corpora = recovery_set(plan.settings, task_corpora(plan.calibration))
             _record_used(used, corpora)
             out = sink(config, into_dense=in_place)
-            grid = plan.settings.recover_alpha_grid
-            chosen = recover(weights, tokenizer, corpora, keep, plan.parts, plan.settings.recover_alpha,
-                             plan.batching, out, in_place, plan.channels, grid, plan.settings.recover_head)
-            record["recovery"] = {"method": plan.settings.recover, "parts": list(plan.parts),
-                                  "head": plan.settings.recover_head,
-                                  "alpha": plan.settings.recover_alpha, "mlp_channels_kept": plan.channels,
-                                  "alpha_chosen": {str(a): chosen.count(a) for a in grid},
+            refit = plan.refit
+            chosen = recover(weights, tokenizer, corpora, keep, refit, plan.batching, out, in_place)
+            record["recovery"] = {"method": plan.settings.recover, "parts": list(refit.parts),
+                                  "head": refit.head, "alpha": refit.alpha,
+                                  "mlp_channels_kept": refit.channels,
+                                  "alpha_chosen": {str(a): chosen.count(a) for a in refit.grid},
                                   "seconds": round(time.perf_counter() - started, 1),
                                   "tasks": {c.name: {"ids": list(c.ids)} for c in corpora}}
         else:

@@ -33,6 +33,7 @@ from dietprune.errors import DietError
 from dietprune.merge import kept_width, kept_width_step
 from dietprune.methods import Method, get_method
 from dietprune.models.adapters import adapter_for
+from dietprune.recover import PARTS, Refit
 from dietprune.settings import CalibrationSettings, PruneSettings, RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,6 @@ def recovery_set(settings: PruneSettings, corpora: list[Corpus]) -> list[Corpus]
 
 def recovery_parts(recover: str) -> tuple[str, ...]:
     """What recovery refits: nothing, the readers (lsq), or everything (full)."""
-    from dietprune.recover import PARTS
-
     return {"none": (), "lsq": ("readers",), "full": PARTS}[recover]
 
 
@@ -141,6 +140,12 @@ class Plan:
     @property
     def parts(self) -> tuple[str, ...]:
         return recovery_parts(self.settings.recover)
+
+    @property
+    def refit(self) -> Refit:
+        """What recovery refits, and how."""
+        s = self.settings
+        return Refit(self.parts, s.recover_alpha, s.recover_alpha_grid, self.channels, s.recover_head)
 
 
 def make_plan(config, settings: PruneSettings, calibration: CalibrationSettings, runtime: RuntimeSettings,

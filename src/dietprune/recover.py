@@ -72,6 +72,7 @@ dense block's own memory, or the output files) before the next block is read.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -100,29 +101,40 @@ PRODUCTS = torch.float32  # the writers' Gram and the readers' cross products pe
 HELD_OUT = 4  # with a damping grid, every fourth calibration batch is held out to choose from it
 
 
+@dataclass(frozen=True)
+class Refit:
+    """What recovery refits, and how: `parts` (of PARTS) with ridge damping `alpha`; each reader's and
+    writer's damping chosen from `grid` instead (alpha then damps only the norms and the head); the MLP
+    channels every layer keeps (`channels`, chosen when its writer is refit; None: all); the head's refit
+    with the "head" part (`head`: its final norm's gains, or a linear map of its columns)."""
+
+    parts: tuple[str, ...]
+    alpha: float
+    grid: tuple[float, ...] = ()
+    channels: int | None = None
+    head: str = "gains"
+
+
 @torch.inference_mode()
-def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tensor, parts: tuple[str, ...],
-            alpha: float, batching: Batching, sink: Sink, in_place: bool = False, channels: int | None = None,
-            grid: tuple[float, ...] = (), head: str = "gains") -> list[float]:
-    """Slice the model of `weights` to the dims `keep` and refit `parts` so that its modules' outputs
-    match the dense model's on the corpora's texts (see the module doc); every finished tensor goes to
-    `sink`. `in_place`: the dense tensors outside the blocks may be sliced in their own memory.
-    `channels`: the MLP channels every layer keeps (chosen when its writer is refit; None: all).
-    `grid`: each reader's and writer's damping is chosen from these (`alpha` then damps only the norms
-    and the head). `head`: the head's refit with the "head" part, its final norm's gains or a linear
-    map of its columns. Returns the dampings chosen, fit by fit."""
+def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tensor, refit: Refit,
+            batching: Batching, sink: Sink, in_place: bool = False) -> list[float]:
+    """Slice the model of `weights` to the dims `keep` and refit it as `refit` says, so that its modules'
+    outputs match the dense model's on the corpora's texts (see the module doc); every finished tensor
+    goes to `sink`. `in_place`: the dense tensors outside the blocks may be sliced in their own memory.
+    Returns the dampings chosen from the grid, fit by fit."""
+    parts, alpha = refit.parts, refit.alpha
     model, adapter = weights.model, weights.adapter
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     d, k = model.config.hidden_size, len(keep)
     c = math.sqrt(k / d)
     blocks_edit = slice_edit(model, keep)
     batches, _ = corpus_batches(tokenizer, corpora, batching)
-    if grid and len(batches) < HELD_OUT:
+    if refit.grid and len(batches) < HELD_OUT:
         raise DietError(f"--recover-alpha-grid holds out every {HELD_OUT}th calibration batch to choose a "
                         f"damping; the recovery set makes {len(batches)} batches")
     dense = capture(weights, batches)
     chosen: list[float] = []
-    linear_head, tied = "head" in parts and head == "linear", model.config.tie_word_embeddings
+    linear_head, tied = "head" in parts and refit.head == "linear", model.config.tie_word_embeddings
     columns = _head_columns(weights, _final_stream(weights, dense), None, keep, alpha, c) \
         if linear_head and tied else None
 
@@ -139,9 +151,9 @@ def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tens
             fit.to(device)
             kwargs = [to_device(kw[i], device) for kw in dense.kwargs]
             for block in adapter.sub_blocks:
-                inputs = channels if block.writer == adapter.down else None
-                chosen += _refit_sub_block(layer, fit, block, dense, pruned, kwargs, keep, c, parts, alpha,
-                                           adapter.norm_offset, device, inputs, grid)
+                inputs = refit.channels if block.writer == adapter.down else None
+                chosen += _refit_sub_block(layer, fit, block, dense, pruned, kwargs, keep, c, refit,
+                                           adapter.norm_offset, device, inputs)
             sink.block(i, fit.state_dict(), layer)
             to_meta(fit)
     gains = None
@@ -159,13 +171,13 @@ def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tens
 
 
 def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, dense: Stream, pruned: Stream,
-                     kwargs: list[dict], keep: torch.Tensor, c: float, parts: tuple[str, ...], alpha: float,
-                     offset: float, device: torch.device, inputs: int | None = None,
-                     grid: tuple[float, ...] = ()) -> list[float]:
+                     kwargs: list[dict], keep: torch.Tensor, c: float, refit: Refit, offset: float,
+                     device: torch.device, inputs: int | None = None) -> list[float]:
     """Refit one sub-block of `fit` (the sliced block) and advance both streams past it; with `inputs`,
     the writer keeps that many of its input channels (those greedy OBS drops last) and the readers'
-    rows that make them; with `grid`, each reader's and the writer's damping comes from it (returned,
+    rows that make them; with a grid, each reader's and the writer's damping comes from it (returned,
     readers first)."""
+    parts, alpha, grid = refit.parts, refit.alpha, refit.grid
     norm, fit_norm = dense_layer.get_submodule(block.norm), fit.get_submodule(block.norm)
     batches = range(len(dense))
     held = {b for b in batches if grid and b % HELD_OUT == HELD_OUT - 1}
