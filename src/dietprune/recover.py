@@ -110,9 +110,9 @@ class Refit:
 
     parts: tuple[str, ...]
     alpha: float
-    grid: tuple[float, ...] = ()
-    channels: int | None = None
-    head: str = "gains"
+    grid: tuple[float, ...]
+    channels: int | None
+    head: str
 
 
 @torch.inference_mode()
