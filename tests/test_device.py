@@ -192,11 +192,7 @@ def test_torchrun_profiles_data_parallel_like_one_process(tiny_dir, tmp_path):
     single = tmp_path / "single.safetensors"
     assert main(["profile", "--model", str(tiny_dir), "--out", str(single), *FAST_PROFILE]) == 0
     double = tmp_path / "double.safetensors"
-    env = os.environ | {"DIETPRUNE_CACHE": str(tmp_path / "cache2"), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), "-m", "dietprune.cli", "--quiet", "profile",
-                          "--model", str(tiny_dir), "--out", str(double), *FAST_PROFILE],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = _torchrun(["profile", "--model", str(tiny_dir), "--out", str(double), *FAST_PROFILE], tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     from dietprune.scores import load_scores
 
@@ -206,6 +202,65 @@ def test_torchrun_profiles_data_parallel_like_one_process(tiny_dir, tmp_path):
         assert two[task].tokens == one[task].tokens
         assert torch.allclose(two[task].sum_abs, one[task].sum_abs, rtol=1e-5)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _torchrun(args: list[str], tmp_path, processes: int = 2) -> subprocess.CompletedProcess:
+    env = os.environ | {"DIETPRUNE_CACHE": str(tmp_path / f"cache{processes}"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                           "--master-port", str(_free_port()), "-m", "dietprune.cli", "--quiet", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("options", [["--method", "obs"], ["--recover-head", "linear"]])
+def test_torchrun_prunes_data_parallel_like_one_process(options, tiny_dir, tmp_path):
+    """`torchrun ... prune`: both the mask's statistics (obs's Gram matrices, which a process's shard
+    alone would get wrong) and every recovery statistic (the tied linear head's too) are summed over the
+    processes, so the streamed, refit checkpoint the first process writes is the single process's;
+    nothing else is left."""
+    args = ["prune", "--model", str(tiny_dir), *FAST_PROFILE, *options, "--weights", "stream"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    run = _torchrun([*args, "--out", str(tmp_path / "double")], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    records = [json.loads((tmp_path / n / "dietprune.json").read_text()) for n in ("single", "double")]
+    assert records[0]["kept_dims"] == records[1]["kept_dims"]
+    assert records[1]["recovery"]["parts"] == ["readers", "writers", "norms", "head"]
+    one, two = ({k: v for f in sorted((tmp_path / n).glob("*.safetensors")) for k, v in load_file(f).items()}
+                for n in ("single", "double"))
+    assert one.keys() == two.keys()
+    for name in one:  # float32 products summed in another order (as another --batch-size gives)
+        assert (two[name] - one[name]).abs().max() <= 1e-3 * one[name].abs().max(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cache2", "double", "single"]
+
+
+def test_more_processes_than_texts_is_one_line(tiny_dir, tmp_path):
+    """A process whose shard would be empty makes every process stop with the same line (none waits
+    for the others' collectives)."""
+    run = _torchrun(["profile", "--model", str(tiny_dir), "--out", str(tmp_path / "s.safetensors"),
+                     "--samples", "2", "--tasks", "arc_easy"], tmp_path, processes=3)
+    assert run.returncode != 0
+    assert "diet: error: 3 processes each take a share of the calibration texts, but the largest " \
+           "calibration set holds 2; run at most 2 processes" in run.stderr
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_only_the_first_process_keeps_the_pruned_model(tiny_dir, tmp_path, monkeypatch):
+    """A data-parallel process after the first computes the same refit blocks and keeps none: no
+    checkpoint written (N processes would write N), no model held."""
+    import dietprune.pipeline
+
+    monkeypatch.setattr(dietprune.pipeline, "is_main_process", lambda: False)
+    staging = tmp_path / "staging"
+    pruned = dietprune.prune(str(tiny_dir), **_fast_options(), weights="stream", staging=staging)
+    assert pruned.model is None and pruned.checkpoint is None
+    assert not staging.exists()
+    assert pruned.record["hidden_size_after"] == pruned.record["width"]["kept"]
+    assert pruned.record["recovery"]["parts"] == ["readers", "writers", "norms", "head"]
+
+
+def _fast_options() -> dict:
+    return {"samples": 4, "tasks": ["arc_easy", "boolq", "rte"]}
 
 
 def _free_port() -> int:

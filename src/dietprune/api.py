@@ -145,7 +145,8 @@ def prune(model: str | PreTrainedModel | Loaded | None = None, tokenizer=None, *
     slicegpt) chooses its own structure at the parameter count of that slice. `options` are flat option
     names, as in a config file (`sparsity=0.3`). `in_place` lets pruning reuse the given model's memory
     (the model given is destroyed); otherwise it stays as it was. A streamed prune (`--weights stream`)
-    writes the pruned model into `staging` (default: a temporary folder) instead of memory."""
+    writes the pruned model into `staging` (default: a temporary folder) instead of memory. Under
+    torchrun only the first process gets the model; the others' Pruned holds the record alone."""
     started = time.perf_counter()
     groups = (settings, calibration_settings, runtime)
     settings, calibration, runtime = settings_for(options, PruneSettings, CalibrationSettings,

@@ -1,5 +1,6 @@
 """A pruned model assembled block by block: an `Edit` says what each block's tensors become, a sink puts
-the result in memory (`MemorySink`) or straight into checkpoint files (`FileSink`).
+the result in memory (`MemorySink`), straight into checkpoint files (`FileSink`), or nowhere (`DiscardSink`,
+the data-parallel processes after the first).
 
 Every method ends in an edit (DIET's slice, ShortGPT's dropped layers, Wanda-SP's cut heads and channels,
 SliceGPT's rotation), applied by one loop that brings each dense block to the compute device once: a
@@ -102,7 +103,25 @@ class FileSink:
         return Checkpoint(self.directory)
 
 
-Sink = MemorySink | FileSink
+class DiscardSink:
+    """Keeps nothing: under torchrun the processes after the first compute the same pruned model (a
+    refit block carries each process's calibration shard on) and leave keeping it to the first, so N
+    processes neither write N checkpoints nor hold N models."""
+
+    def __init__(self, config, dtype: torch.dtype):
+        self.pruned_config, self.dtype = config, dtype
+
+    def block(self, index: int, state: State, dense: nn.Module | None = None) -> None:
+        pass
+
+    def rest(self, name: str, tensor: torch.Tensor) -> None:
+        pass
+
+    def finish(self) -> None:
+        return None
+
+
+Sink = MemorySink | FileSink | DiscardSink
 
 
 def assemble(weights: Weights, edit: Edit, sink: Sink, desc: str = "slice") -> None:

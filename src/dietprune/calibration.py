@@ -94,8 +94,17 @@ def process_group() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
-    """Only the first process writes files when profiling runs data parallel."""
+    """Only the first process writes files when profiling or pruning runs data parallel."""
     return process_group()[0] == 0
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the data-parallel processes, in place (as it is in one process). Every
+    process calls it in the same order with the same shape, on the device it computes on (NCCL reduces
+    GPU tensors only): what each shard of the calibration batches adds to a statistic, made whole."""
+    if process_group()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def token_batches(tokenizer, texts, batching: Batching, shard: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -119,7 +128,13 @@ def token_batches(tokenizer, texts, batching: Batching, shard: bool = False) -> 
 
 def corpus_batches(tokenizer, corpora: list[Corpus], batching: Batching, shard: bool = False
                    ) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-    """Every corpus's batches (a batch holds one corpus's texts), and the corpus index of each."""
+    """Every corpus's batches (a batch holds one corpus's texts), and the corpus index of each. `shard`:
+    this process's share under torch.distributed, which must not be empty (every process then gives the
+    same error, none waits for the others)."""
+    world = process_group()[1]
+    if shard and corpora and world > (most := max(len(corpus.texts) for corpus in corpora)):
+        raise DietError(f"{world} processes each take a share of the calibration texts, but the largest "
+                        f"calibration set holds {most}; run at most {most} processes")
     batches, groups = [], []
     for index, corpus in enumerate(corpora):
         mine = token_batches(tokenizer, corpus.texts, batching, shard)

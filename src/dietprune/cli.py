@@ -100,7 +100,7 @@ def _settings(command: Command, args: argparse.Namespace) -> dict[type[Settings]
     return settings
 
 
-DATA_PARALLEL = ("profile", "prune")  # the commands torchrun may run: profiling is sharded over processes
+DATA_PARALLEL = ("profile", "prune")  # the commands torchrun may run: profiling and recovery are sharded
 
 
 def _join_process_group(command: str, runtime: RuntimeSettings | None) -> None:
@@ -146,7 +146,7 @@ def cmd_prune(args, settings) -> None:
         pruned = prune(args.model, settings=settings[PruneSettings],
                        calibration_settings=settings[CalibrationSettings], runtime=settings[RuntimeSettings],
                        scores=args.scores, in_place=True, staging=staging)
-        if not is_main_process():  # data-parallel profiling: every process got the same mask; one saves
+        if not is_main_process():  # data parallel: every process computed the same model; the first kept it
             return
         save(pruned, args.out, args.overwrite, protected)
     finally:

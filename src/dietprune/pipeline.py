@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from dietprune.assemble import FileSink, MemorySink, Sink, assemble
-from dietprune.calibration import Corpus, corpus_batches, generic_corpus, task_corpora
+from dietprune.assemble import DiscardSink, FileSink, MemorySink, Sink, assemble
+from dietprune.calibration import Corpus, corpus_batches, generic_corpus, is_main_process, task_corpora
 from dietprune.errors import DietError
 from dietprune.merge import agreement, merge
 from dietprune.methods.base import Seen, require_tokens
@@ -50,7 +50,8 @@ class Pruned:
 def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationStats], dict] | None = None,
             in_place: bool = False, staging: Path | None = None) -> tuple[PreTrainedModel | Checkpoint, dict]:
     """Prune `loaded` as `plan` says; returns the pruned model (in memory, or the checkpoint it was
-    streamed into under `staging`) and the record of what was chosen and which samples were used."""
+    streamed into under `staging`; None in a data-parallel process after the first) and the record of
+    what was chosen and which samples were used."""
     model, tokenizer = loaded.model, loaded.tokenizer
     weights = Weights(model, plan.device, plan.dtype, loaded.checkpoint if plan.stream else None)
     used: dict[str, dict] = {}
@@ -58,6 +59,8 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
     clock = time.perf_counter()
 
     def sink(config, into_dense: bool = False) -> Sink:
+        if not is_main_process():  # data parallel: the first process keeps the model
+            return DiscardSink(config, plan.dtype)
         if plan.stream:
             directory = staging or Path(tempfile.mkdtemp(prefix="dietprune-pruned-"))
             return FileSink(directory, config, plan.save_dtype, getattr(model, "generation_config", None))
@@ -105,7 +108,7 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
             out = sink(config)
             assemble(weights, slice_edit(model, keep, in_place), out)
     result = out.finish()
-    shape = meta_model(out.pruned_config) if isinstance(out, FileSink) else result
+    shape = result if isinstance(out, MemorySink) else meta_model(out.pruned_config)
     if isinstance(out, FileSink) and out.saved_as:
         record["saved_as"] = out.saved_as
     stages = {"calibrate": round(observed_s, 2), "build": round(time.perf_counter() - clock - observed_s, 2)}

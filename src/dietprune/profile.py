@@ -19,9 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from dietprune.calibration import Batching, Corpus, corpus_batches, process_group
+from dietprune.calibration import Batching, Corpus, all_sum, corpus_batches
 from dietprune.errors import DietError
 from dietprune.sequential import Observer, Weights, capture, observe
 from dietprune.settings import AGGREGATIONS, SITES
@@ -76,12 +75,10 @@ class Profile(Observer):
 
     def result(self, tokens: list[int]) -> list[ActivationStats]:
         """Per corpus, its statistics (`tokens`: its real tokens), summed over data-parallel processes."""
-        sum_abs, sum_sq, counts = self.sum_abs, self.sum_sq, torch.tensor(tokens, dtype=torch.float64)
-        if process_group()[1] > 1:
-            packed = torch.cat([sum_abs, sum_sq, counts.to(sum_abs.device)[:, None]], dim=1)
-            dist.all_reduce(packed)
-            d = sum_abs.shape[1]
-            sum_abs, sum_sq, counts = packed[:, :d], packed[:, d:2 * d], packed[:, -1]
+        counts = torch.tensor(tokens, dtype=torch.float64, device=self.sum_abs.device)[:, None]
+        packed = all_sum(torch.cat([self.sum_abs, self.sum_sq, counts], dim=1))
+        d = self.sum_abs.shape[1]
+        sum_abs, sum_sq, counts = packed[:, :d], packed[:, d:2 * d], packed[:, -1]
         return [ActivationStats(a.cpu(), q.cpu(), int(n)) for a, q, n in zip(sum_abs, sum_sq, counts,
                                                                              strict=True)]
 

@@ -67,6 +67,11 @@ the output norm's gains; (4) both streams advance. Each piece of the dense and o
 once per batch, never the whole block once per refit. Memory holds the two streams,
 one stage's intermediates and one block's statistics; the refit block goes to the sink (memory, the
 dense block's own memory, or the output files) before the next block is read.
+
+Data parallel (torchrun): each process carries every world-th calibration text of each corpus through
+both streams, and every statistic above is a sum over tokens, so each is summed over the processes
+(calibration.all_sum) before its solve; every process then solves the same system and holds the same
+refit block, which carries its shard on. The first process alone keeps the pruned model.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ import torch
 from torch import nn
 
 from dietprune.assemble import Sink, apply_rest
-from dietprune.calibration import Batching, Corpus, corpus_batches
+from dietprune.calibration import Batching, Corpus, all_sum, corpus_batches
 from dietprune.errors import DietError
 from dietprune.models.adapters import SubBlock
 from dietprune.models.edit import meta_model
@@ -128,10 +133,13 @@ def recover(weights: Weights, tokenizer, corpora: list[Corpus], keep: torch.Tens
     d, k = model.config.hidden_size, len(keep)
     c = math.sqrt(k / d)
     blocks_edit = slice_edit(model, keep)
-    batches, _ = corpus_batches(tokenizer, corpora, batching)
-    if refit.grid and len(batches) < HELD_OUT:
-        raise DietError(f"--recover-alpha-grid holds out every {HELD_OUT}th calibration batch to choose a "
-                        f"damping; the recovery set makes {len(batches)} batches")
+    batches, _ = corpus_batches(tokenizer, corpora, batching, shard=True)
+    if refit.grid:  # each process holds out every HELD_OUT-th batch of its own shard
+        counts = torch.tensor([len(batches) // HELD_OUT, len(batches)], device=weights.device)
+        held, total = all_sum(counts).tolist()
+        if not held:
+            raise DietError(f"--recover-alpha-grid holds out every {HELD_OUT}th calibration batch to choose "
+                            f"a damping; the recovery set makes {total} batches")
     dense = capture(weights, batches)
     chosen: list[float] = []
     linear_head, tied = "head" in parts and refit.head == "linear", model.config.tie_word_embeddings
@@ -198,6 +206,7 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
             stack = slice(2 if b in held else 1)  # all batches, and the held-out ones
             _accumulate_gram(gram[stack], n_fit.double())
             _accumulate(cross[stack], n, n_fit)
+        all_sum(gram), all_sum(cross)
         alphas = dict.fromkeys(block.readers, alpha)
         if held:
             fits, held_gram = _held_out_fits(gram, grid)
@@ -230,6 +239,7 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
             stack = slice(2 if b in held else 1)
             _accumulate_gram(gram[stack], z)
             _accumulate(cross[stack], rows(b, outputs[b])[:, keep].double(), z.double(), scale=c)
+        all_sum(gram), all_sum(cross)
         writer_alpha = alpha
         if held:
             writer_alpha = _chosen(*_held_out_fits(gram, grid), cross, writer.weight.double())
@@ -261,6 +271,7 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
                 x = _normalised(fit_norm_out, rows(b, fit_outputs[b]).double())
                 energy += x.square().sum(0)
                 product += (x * target).sum(0)
+            all_sum(energy), all_sum(product)
             a0 = offset + fit_norm_out.weight.to(torch.float64)
             lam = alpha * energy.mean()
             fit_norm_out.weight.copy_((product + lam * a0) / (energy + lam) - offset)
@@ -462,6 +473,7 @@ def _head_columns(weights: Weights, dense: Stream, pruned: Stream | None, keep: 
             f = dense.real(b, norm(masked)[..., keep])
             _accumulate_gram(gram, f.double())
             _accumulate(cross, dense.real(b, norm(h)).to(PRODUCTS), f.to(PRODUCTS))
+    all_sum(gram), all_sum(cross)
     lam = _damp(gram, alpha)
     cross[keep, torch.arange(k, device=device)] += lam  # + lam P
     return _solve(_cholesky(gram), cross.T).T
@@ -485,6 +497,7 @@ def _head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torc
             x = _normalised(norm, dense.real(b, pruned.hidden[b].to(device)).double())
             _accumulate(btb, x, x)
             _accumulate(ntb, n, x)
+    all_sum(btb), all_sum(ntb)
     gram = head_gram(weights, device)
     if columns is None:
         kept_gram, kept_cross = gram[keep][:, keep], gram[keep]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dietprune.calibration import all_sum
 from dietprune.errors import DietError
 from dietprune.methods.base import Method, Seen
 from dietprune.profile import ActivationStats
@@ -76,14 +77,15 @@ class ReaderGrams(Observer):
             self.final[group] += n.T @ n
 
     def block_done(self, index: int, layer: nn.Module) -> None:
-        self.grams.extend(self.block_grams.float().cpu())
+        self.grams.extend(all_sum(self.block_grams).float().cpu())
         self.block_grams = None
 
     @torch.no_grad()
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(forms (sites, d, d) float64, grams (corpora, sites, d, d) float32), the head's site last."""
         forms = torch.stack([*self.forms, head_gram(self.weights, torch.device("cpu"))])
-        grams = torch.stack([*self.grams, self.final.float()], dim=1)
+        final = all_sum(self.final.to(self.weights.device)).float().cpu()
+        grams = torch.stack([*self.grams, final], dim=1)
         return forms, grams
 
 
