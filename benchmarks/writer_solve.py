@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from dietprune.device import machine
-from dietprune.recover import _cholesky, _solve
+from dietprune.lstsq import cholesky, solve
 
 OUT = Path("benchmarks/results/writer_solve.json")
 
@@ -57,7 +57,7 @@ def after(m: int, k: int, tokens: int) -> torch.Tensor:
     lam = 0.01 * gram.diagonal().mean()
     gram.diagonal().add_(lam)
     cross.add_(weight, alpha=lam)
-    return _solve(_cholesky(gram), cross.T).T
+    return solve(cholesky(gram), cross.T).T
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ import torch
 from conftest import FAST_PROFILE, batching, tiny_model, tiny_tokenizer
 
 from dietprune.cli import main
+from dietprune.lstsq import removal_order
 from dietprune.methods.obs import ReaderGrams
-from dietprune.recover import removal_order
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 

@@ -18,12 +18,12 @@ KEEP = torch.randperm(HIDDEN, generator=torch.Generator().manual_seed(0))[:32]
 @pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
 def test_nothing_pruned_changes_nothing(model_type, head, monkeypatch):
     """To the float32 forward passes' rounding with float64 products; with the default float32 ones
-    (recover.PRODUCTS) to their rounding too, which these tiny ill-conditioned systems amplify to
+    (lstsq.PRODUCTS) to their rounding too, which these tiny ill-conditioned systems amplify to
     about 3e-5 of a weight's scale. The linear head's map is then the identity (a tied one's too)."""
     model = tiny_model(model_type)
     before = slice_model(model, torch.arange(HIDDEN)).state_dict()
     for products, tolerance in ((torch.float64, 1e-5), (torch.float32, 1e-4)):
-        monkeypatch.setattr("dietprune.recover.PRODUCTS", products)
+        monkeypatch.setattr("dietprune.lstsq.PRODUCTS", products)
         after = recovered(model, TEXTS, torch.arange(HIDDEN), PARTS, head=head).state_dict()
         assert all((before[k] - v).abs().max() <= tolerance * before[k].abs().max() for k, v in after.items())
 
@@ -114,19 +114,19 @@ def test_the_blocked_cholesky_solves_in_place_what_lapack_solves():
     """The writer's m x m system is factorised over itself, a block at a time (no second m x m matrix):
     the same factor and solution as LAPACK's; a singular system is one line."""
     from dietprune.errors import DietError
-    from dietprune.recover import _cholesky, _solve
+    from dietprune.lstsq import cholesky, solve
 
     torch.manual_seed(0)
     x = torch.randn(300, 200, dtype=torch.float64)
     system = x.T @ x + 0.1 * torch.eye(200, dtype=torch.float64)
     rhs = torch.randn(200, 7, dtype=torch.float64)
     memory = system.clone()
-    factor = _cholesky(memory, block=64)
+    factor = cholesky(memory, block=64)
     assert factor.data_ptr() == memory.data_ptr()
     assert torch.allclose(factor.tril(), torch.linalg.cholesky(system), atol=1e-10)
-    assert torch.allclose(_solve(factor, rhs), torch.linalg.solve(system, rhs), atol=1e-9)
+    assert torch.allclose(solve(factor, rhs), torch.linalg.solve(system, rhs), atol=1e-9)
     with pytest.raises(DietError, match="singular"):
-        _cholesky(torch.zeros(70, 70, dtype=torch.float64), block=64)
+        cholesky(torch.zeros(70, 70, dtype=torch.float64), block=64)
 
 
 def test_generic_text_joins_the_recovery_set(isolated_cache):

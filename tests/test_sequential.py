@@ -138,13 +138,13 @@ def test_the_engine_prunes_as_the_code_before_it(case, isolated_cache, monkeypat
     (commit 2eacd34: hooked whole-model passes, recovery re-running each layer per refit) gave on the
     same tiny model and calibration samples: the same kept dims, parameter count and logits, with
     recovery's statistics all in float64 as that code took them; with the default float32 products
-    (recover.PRODUCTS) the logits move by float32 rounding times these tiny systems' conditioning."""
+    (lstsq.PRODUCTS) the logits move by float32 rounding times these tiny systems' conditioning."""
     model_type, method, recover = case.split("/")
     want = GOLDEN["cases"][case]
     expected = torch.tensor(want["logits"])
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(GOLDEN["input_ids_seed"]))
     for products, tolerance in ((torch.float64, 1e-4), (torch.float32, 3e-3)):
-        monkeypatch.setattr("dietprune.recover.PRODUCTS", products)
+        monkeypatch.setattr("dietprune.lstsq.PRODUCTS", products)
         pruned = dietprune.prune(tiny_model(model_type), tiny_tokenizer(), sparsity=0.25, samples=4,
                                  recover_samples=2, recover_generic=0, recover_alpha=0.01,  # that code's
                                  tasks=("arc_easy", "rte"), method=method, recover=recover)

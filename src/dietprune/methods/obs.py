@@ -9,7 +9,7 @@ refitting the kept columns by least squares on a task's tokens (what recovery do
 
 the readers' weights on S times the part of the dropped dims the kept ones cannot predict. A dim the
 others predict costs nothing to drop however large its activations, which mean |a| cannot see. Dims
-go one at a time by the OBS recursion (recover.removal_order, with M_s = R_s^T R_s, the head's E^T E
+go one at a time by the OBS recursion (lstsq.removal_order, with M_s = R_s^T R_s, the head's E^T E
 summed over chunks of its rows), whose costs add up to E_s of the set; for each task the dim with the
 least sum over sites of E_s / tr(M_s G_s) (each site's error relative to its dense output energy) goes,
 until K remain; a task's score of a dim is how late it went (the K kept: last, all equal). G_s is damped
@@ -26,10 +26,11 @@ from torch import nn
 
 from dietprune.calibration import all_sum
 from dietprune.errors import DietError
+from dietprune.head_refit import head_gram
+from dietprune.lstsq import removal_order
 from dietprune.methods.base import Method, Seen
 from dietprune.profile import ActivationStats
 from dietprune.progress import progress
-from dietprune.recover import head_gram, removal_order
 from dietprune.sequential import Observer, Weights
 from dietprune.settings import PruneSettings
 
