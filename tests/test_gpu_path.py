@@ -155,4 +155,26 @@ def test_a_process_group_is_joined_with_the_backend_of_its_device(monkeypatch):
     assert joined == ["gloo"]
     with pytest.raises(DietError, match="process 1 computes on cuda:1, not cuda:0"):
         device.init_distributed(torch.device("cuda", 0), None)
+
+
+def test_cuda_under_torchrun_is_the_process_s_own_gpu(monkeypatch):
+    """`--device cuda` (or auto) under torchrun resolves to the LOCAL_RANK GPU, which the process group
+    accepts (it used to refuse `cuda` for every process, naming `cuda` as the fix)."""
+    import dietprune.device as device
+    from dietprune.plan import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    joined = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for name in ("cuda", "auto", "cuda:1"):
+        assert resolve_device(name) == torch.device("cuda", 1)
+        device.init_distributed(resolve_device(name), None)
+    assert joined == ["nccl"] * 3
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("cuda") == torch.device("cuda", 0)
     assert os.environ["WORLD_SIZE"] == "2"

@@ -104,17 +104,15 @@ class FileSink:
 
 
 class DiscardSink:
-    """Keeps nothing: under torchrun the processes after the first compute the same pruned model (a
-    refit block carries each process's calibration shard on) and leave keeping it to the first, so N
-    processes neither write N checkpoints nor hold N models."""
+    """Keeps nothing: under torchrun the processes after the first compute the same refit blocks (each
+    carries the process's calibration shard on) and leave the model to the first, so N processes
+    neither write N checkpoints nor hold N models; nothing else (the embedding, a plain slice's blocks)
+    is even read for it."""
 
-    def __init__(self, config, dtype: torch.dtype):
-        self.pruned_config, self.dtype = config, dtype
+    def __init__(self, config):
+        self.pruned_config = config
 
     def block(self, index: int, state: State, dense: nn.Module | None = None) -> None:
-        pass
-
-    def rest(self, name: str, tensor: torch.Tensor) -> None:
         pass
 
     def finish(self) -> None:
@@ -126,7 +124,9 @@ Sink = MemorySink | FileSink | DiscardSink
 
 def assemble(weights: Weights, edit: Edit, sink: Sink, desc: str = "slice") -> None:
     """Apply `edit` block by block (each dense block brought to its device once) and then to every
-    tensor outside the blocks, handing each result to `sink`."""
+    tensor outside the blocks, handing each result to `sink` (nothing is read for a DiscardSink)."""
+    if isinstance(sink, DiscardSink):
+        return
     new_index = 0
     for i in progress(range(len(weights.blocks)), desc=desc, unit="block"):
         with weights.onloaded(f"{weights.adapter.layers}.{i}") as layer:
@@ -142,7 +142,10 @@ def apply_rest(weights: Weights, edit: Edit, sink: Sink,
                then: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
     """`edit.rest` on every tensor outside the blocks (`then` after it, e.g. a refit), into `sink`. A
     streamed vocabulary-sized matrix is edited a block of rows at a time (so `rest` must act on rows
-    independently, as slicing columns and rotating rows do) into one tensor in the saved dtype."""
+    independently, as slicing columns and rotating rows do) into one tensor in the saved dtype. Nothing
+    is read for a DiscardSink."""
+    if isinstance(sink, DiscardSink):
+        return
     for name, tensor in rest_tensors(weights, edit.config):
         if isinstance(tensor, Rows):
             out, start = None, 0

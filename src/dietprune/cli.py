@@ -344,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command_spec
         settings = _settings(command, args)
         _join_process_group(args.command, settings.get(RuntimeSettings))
+        from dietprune.calibration import is_main_process
+
+        if not is_main_process():  # under torchrun the first process speaks for all (errors aside)
+            progress.SETTINGS["enabled"] = False
+            logging.getLogger().setLevel(logging.ERROR)
         with memory_guard(getattr(settings.get(RuntimeSettings), "device", "cpu")):
             command.run(args, settings)
     except DietError as exc:

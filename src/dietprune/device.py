@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dietprune.errors import DietError, first_line
-from dietprune.io import cache_root
+from dietprune.io import cache_root, read_json, write_json_atomic
 
 GIB = 1 << 30
 
@@ -92,7 +91,10 @@ def cpu_matmul_ratio(dtype: torch.dtype) -> float:
     key = "|".join([machine()["cpu"], torch.__version__, str(dtype), str(torch.get_num_threads()),
                     os.environ.get("ATEN_CPU_CAPABILITY", ""), os.environ.get("ONEDNN_MAX_CPU_ISA", "")])
     cache = cache_root() / "cpu_speed.json"
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    try:
+        known = read_json(cache, "speed cache") if cache.is_file() else {}
+    except DietError:  # damaged: measured again, and rewritten whole
+        known = {}
     if key not in known:
         seconds = {}
         for each in (torch.float32, dtype):
@@ -106,9 +108,9 @@ def cpu_matmul_ratio(dtype: torch.dtype) -> float:
                 trials.append(time.perf_counter() - started)
             seconds[each] = min(trials)
         known[key] = seconds[dtype] / seconds[torch.float32]
-        with contextlib.suppress(OSError):  # a cache that cannot be written is measured again next time
+        with contextlib.suppress(OSError, DietError):  # a cache that cannot be written: measured next time
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(known))
+            write_json_atomic(cache, known)  # processes started together (torchrun) never read half a file
     return known[key]
 
 

@@ -16,7 +16,15 @@ import torch
 from transformers import PreTrainedModel
 
 from dietprune.assemble import DiscardSink, FileSink, MemorySink, Sink, assemble
-from dietprune.calibration import Corpus, corpus_batches, generic_corpus, is_main_process, task_corpora
+from dietprune.calibration import (
+    Corpus,
+    all_sum,
+    corpus_batches,
+    generic_corpus,
+    is_main_process,
+    process_group,
+    task_corpora,
+)
 from dietprune.errors import DietError
 from dietprune.merge import agreement, merge
 from dietprune.methods.base import Seen, require_tokens
@@ -60,7 +68,7 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
 
     def sink(config, into_dense: bool = False) -> Sink:
         if not is_main_process():  # data parallel: the first process keeps the model
-            return DiscardSink(config, plan.dtype)
+            return DiscardSink(config)
         if plan.stream:
             directory = staging or Path(tempfile.mkdtemp(prefix="dietprune-pruned-"))
             return FileSink(directory, config, plan.save_dtype, getattr(model, "generation_config", None))
@@ -134,6 +142,10 @@ def calibrate(weights: Weights, tokenizer, plan: Plan, used: dict[str, dict], al
              for site in sites}
     stats = {c.name: cached for c in corpora
              if (cached := cached_stats(paths[c.name, settings.site], c.name)) is not None}
+    if corpora:  # data parallel: cached only where every process finds it, so all profile the same corpora
+        here = torch.tensor([c.name in stats for c in corpora], dtype=torch.float64, device=weights.device)
+        everywhere = (all_sum(here) == process_group()[1]).tolist()
+        stats = {c.name: stats[c.name] for c, hit in zip(corpora, everywhere, strict=True) if hit}
     magnitude = [Magnitude(weights)] if "magnitude" in needs else []
     grams = [ReaderGrams(weights, len(corpora))] if "grams" in needs else []  # not cached: every corpus
     missing = corpora if grams else [c for c in corpora if c.name not in stats]

@@ -185,6 +185,7 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
     norm, fit_norm = dense_layer.get_submodule(block.norm), fit.get_submodule(block.norm)
     batches = range(len(dense))
     held = {b for b in batches if grid and b % HELD_OUT == HELD_OUT - 1}
+    stacks = 2 if grid else 1  # with a grid, held-out statistics too (in every process: same shapes)
     keep = keep.to(device)
     chosen = []
 
@@ -196,7 +197,7 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
 
     if "readers" in parts:  # (1) W' = (W C_nn' + lam W_K)(C_n'n' + lam I)^-1
         k, d = len(keep), dense.hidden[0].shape[-1]
-        gram, cross = zeros(k, k, device, 2 if held else 1), zeros(d, k, device, 2 if held else 1)
+        gram, cross = zeros(k, k, device, stacks), zeros(d, k, device, stacks)
         for b in batches:
             n, n_fit = rows(b, normed[b]), rows(b, fit_normed[b])
             stack = slice(2 if b in held else 1)  # all batches, and the held-out ones
@@ -204,14 +205,14 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
             accumulate(cross[stack], n, n_fit)
         all_sum(gram), all_sum(cross)
         alphas = dict.fromkeys(block.readers, alpha)
-        if held:
+        if grid:
             fits, held_gram = _held_out_fits(gram, grid)
             for name in block.readers:
                 weight, prior = (module.get_submodule(name).weight.double() for module in (dense_layer, fit))
                 alphas[name] = _chosen(fits, held_gram, weight @ cross, prior)
             del fits, held_gram
         for a in sorted(set(alphas.values())):  # one factorisation per damping
-            system = gram[0].clone() if held else gram[0]
+            system = gram[0].clone() if grid else gram[0]
             lam = damp(system, a)
             factor = cholesky(system)
             for name in (name for name in block.readers if alphas[name] == a):
@@ -219,7 +220,7 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
                 rhs = weight.to(torch.float64) @ cross[0] + lam * target.to(torch.float64)
                 target.copy_(solve(factor, rhs.T).T)
             del system, factor
-        chosen += [alphas[name] for name in block.readers] if held else []
+        chosen += [alphas[name] for name in block.readers] if grid else []
         del gram, cross
 
     # (2) dense outputs y (the writer's), pruned writer inputs z' (the refit module stopped at the writer)
@@ -229,7 +230,7 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
     del normed, fit_normed
     if "writers" in parts:  # W' = (R + lam W'_0)(C_z'z' + lam I)^-1, R = sum c y_K z'^T = W'_0 C_zz'
         m = z_fit[0].shape[-1]
-        gram, cross = zeros(m, m, device, 2 if held else 1), zeros(len(keep), m, device, 2 if held else 1)
+        gram, cross = zeros(m, m, device, stacks), zeros(len(keep), m, device, stacks)
         for b in batches:
             z = rows(b, z_fit[b])
             stack = slice(2 if b in held else 1)
@@ -237,7 +238,7 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
             accumulate(cross[stack], rows(b, outputs[b])[:, keep].double(), z.double(), scale=c)
         all_sum(gram), all_sum(cross)
         writer_alpha = alpha
-        if held:
+        if grid:
             writer_alpha = _chosen(*_held_out_fits(gram, grid), cross, writer.weight.double())
             chosen.append(writer_alpha)
         gram, cross = gram[0], cross[0]

@@ -55,7 +55,7 @@ class ReaderGrams(Observer):
         self.forms: list[torch.Tensor] = []
         self.grams: list[torch.Tensor] = []
         self.block_grams: torch.Tensor | None = None
-        self.final = torch.zeros(corpora, d, d, dtype=torch.float64)
+        self.final = torch.zeros(corpora, d, d, dtype=torch.float64, device=weights.device)
 
     def block(self, index: int, layer: nn.Module) -> None:
         d, subs = self.final.shape[-1], self.weights.adapter.sub_blocks
@@ -74,8 +74,8 @@ class ReaderGrams(Observer):
             self.block_grams[sub, group] += x.T @ x
         elif index == len(self.weights.blocks):  # the final norm's input
             with self.weights.onloaded(self.weights.adapter.final_norm) as norm:
-                n = norm(x.to(self.weights.device_of(norm))).double().cpu()
-            self.final[group] += n.T @ n
+                n = norm(x.to(self.weights.device_of(norm))).double()
+            self.final[group] += (n.T @ n).to(self.final.device)
 
     def block_done(self, index: int, layer: nn.Module) -> None:
         self.grams.extend(all_sum(self.block_grams).float().cpu())
@@ -84,8 +84,8 @@ class ReaderGrams(Observer):
     @torch.no_grad()
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(forms (sites, d, d) float64, grams (corpora, sites, d, d) float32), the head's site last."""
-        forms = torch.stack([*self.forms, head_gram(self.weights, torch.device("cpu"))])
-        final = all_sum(self.final.to(self.weights.device)).float().cpu()
+        forms = torch.stack([*self.forms, head_gram(self.weights, self.weights.device).cpu()])
+        final = all_sum(self.final).float().cpu()
         grams = torch.stack([*self.grams, final], dim=1)
         return forms, grams
 

