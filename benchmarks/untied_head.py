@@ -1,5 +1,5 @@
 """The linear head refit on an untied head, with real weights: fitted last, on the pruned model's own
-final states, with no change to the embedding and no extra pass (recover.py).
+final states, with no change to the embedding and no extra pass (head_refit.py).
 
 No untied model is installed offline, so each embedded model is untied by copying its embedding into its
 head (the dense model computes what it did, checked on a prompt), pruned to 20% with the default's

@@ -3,7 +3,7 @@ after the sequential engine, each in its own process under /usr/bin/time -v (pea
 
   before  the system and a second m x m matrix (C_zz' = Z^T Z'), then an LU solve (a third m x m copy);
   after   one m x m Gram matrix, the cross term accumulated as K x m (R = sum c y_K z'^T), the blocked
-          Cholesky factorisation written over the Gram matrix, and two triangular solves (recover.py).
+          Cholesky factorisation written over the Gram matrix, and two triangular solves (lstsq.py).
 
     .venv/bin/python benchmarks/writer_solve.py [--m 28672 --k 6656 --tokens 2048]
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import dietprune
 from dietprune.cli import main
+from dietprune.errors import DietError
 from dietprune.plan import compute_dtype, resolve_device
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -216,12 +217,27 @@ def _torchrun(args: list[str], tmp_path, processes: int = 2, entry: tuple[str, .
 def test_torchrun_prunes_data_parallel_like_one_process(options, tiny_dir, tmp_path):
     """`torchrun ... prune`: both the mask's statistics (obs's Gram matrices, which a process's shard
     alone would get wrong) and every recovery statistic (the tied linear head's too) are summed over the
-    processes, so the streamed, refit checkpoint the first process writes is the single process's;
-    nothing else is left."""
+    processes (each refits on its own share of the recovery texts), so the streamed, refit checkpoint
+    the first process writes is the single process's; nothing else is left."""
     args = ["prune", "--model", str(tiny_dir), *FAST_PROFILE, *options, "--weights", "stream"]
-    assert main([*args, "--out", str(tmp_path / "single")]) == 0
-    run = _torchrun([*args, "--out", str(tmp_path / "double")], tmp_path)
+    texts = tmp_path / "texts"  # how many recovery texts each process refits on
+    texts.mkdir()
+    launcher = _launcher(tmp_path, "import dietprune.recover as recover\n"
+                         "batches = recover.corpus_batches\n"
+                         "def counted(*args, **kwargs):\n"
+                         "    made = batches(*args, **kwargs)\n"
+                         f"    open({str(texts)!r} + '/' + os.environ.get('RANK', 'single'), 'w').write(\n"
+                         "        str(sum(len(b['input_ids']) for b in made[0])))\n"
+                         "    return made\n"
+                         "recover.corpus_batches = counted\n")
+    out = ["--out", str(tmp_path / "single")]
+    single = subprocess.run([sys.executable, str(launcher), "--quiet", *args, *out],
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    run = _torchrun([*args, "--out", str(tmp_path / "double")], tmp_path, entry=(str(launcher),))
     assert run.returncode == 0, run.stderr[-2000:]
+    shares = {p.name: int(p.read_text()) for p in texts.iterdir()}
+    assert shares["0"] + shares["1"] == shares["single"] and 0 < shares["1"] <= shares["0"] < shares["single"]
     from safetensors.torch import load_file
 
     records = [json.loads((tmp_path / n / "dietprune.json").read_text()) for n in ("single", "double")]
@@ -232,7 +248,8 @@ def test_torchrun_prunes_data_parallel_like_one_process(options, tiny_dir, tmp_p
     assert one.keys() == two.keys()
     for name in one:  # float32 products summed in another order (as another --batch-size gives)
         assert (two[name] - one[name]).abs().max() <= 1e-3 * one[name].abs().max(), name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cache2", "double", "single"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cache2", "double", "launch.py", "single",
+                                                          "texts"]
 
 
 def test_torchrun_holds_out_batches_in_shards_of_any_size(tiny_dir, tmp_path):
@@ -247,17 +264,15 @@ def test_torchrun_holds_out_batches_in_shards_of_any_size(tiny_dir, tmp_path):
     assert sum(recovery["alpha_chosen"].values()) == 3 * 7  # 3 layers x (q, k, v, o, gate, up, down)
 
 
-def test_torchrun_with_a_cache_one_process_has_profiles_the_same(tiny_dir, tmp_path, monkeypatch):
+def test_a_corpus_counts_as_cached_only_where_every_process_has_it(tiny_dir, tmp_path, monkeypatch):
     """Each process with a cache of its own (nodes that do not share one), only the first holding the
     scores: a corpus counts as cached only where every process finds it, so all of them profile it
     (and meet in the same collectives) and the mask is the single process's."""
     single = tmp_path / "single"
     monkeypatch.setenv("DIETPRUNE_CACHE", str(tmp_path / "cache0"))
     assert main(["prune", "--model", str(tiny_dir), "--out", str(single), *FAST_PROFILE]) == 0
-    launcher = tmp_path / "launch.py"  # process i's cache: cache0, cache1
-    launcher.write_text(f"import os, sys\nos.environ['DIETPRUNE_CACHE'] = {str(tmp_path / 'cache')!r} + "
-                        "os.environ['LOCAL_RANK']\n"
-                        "from dietprune.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    launcher = _launcher(tmp_path, f"os.environ['DIETPRUNE_CACHE'] = {str(tmp_path / 'cache')!r} + "
+                         "os.environ['LOCAL_RANK']\n")  # process i's cache: cache0, cache1
     run = _torchrun(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "double"), *FAST_PROFILE],
                     tmp_path, entry=(str(launcher),))
     assert run.returncode == 0, run.stderr[-2000:]
@@ -266,14 +281,15 @@ def test_torchrun_with_a_cache_one_process_has_profiles_the_same(tiny_dir, tmp_p
 
 
 def test_more_processes_than_texts_is_one_line(tiny_dir, tmp_path):
-    """A process whose shard would be empty makes every process stop with the same line (none waits
-    for the others' collectives)."""
-    run = _torchrun(["profile", "--model", str(tiny_dir), "--out", str(tmp_path / "s.safetensors"),
-                     "--samples", "2", "--tasks", "arc_easy"], tmp_path, processes=3)
+    """A process whose shard would be empty (here of the texts recovery refits on; profiling shards
+    through the same function) makes every process stop with the same line (none waits for the others'
+    collectives)."""
+    run = _torchrun(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--samples", "4",
+                     "--tasks", "arc_easy", "--recover-samples", "2", "--recover-generic", "0"], tmp_path, 3)
     assert run.returncode != 0
     assert "diet: error: 3 processes each take a share of the calibration texts, but the largest " \
            "calibration set holds 2; run at most 2 processes" in run.stderr
-    assert not (tmp_path / "s.safetensors").exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("recover", ["full", "none"])
@@ -282,32 +298,67 @@ def test_only_the_first_process_keeps_the_pruned_model(recover, tiny_dir, tmp_pa
     checkpoint written (N processes would write N), no model held, no tensor read for it (the
     embedding, a plain slice's blocks)."""
     import dietprune.assemble
+    import dietprune.head_refit
     import dietprune.pipeline
 
-    monkeypatch.setattr(dietprune.pipeline, "is_main_process", lambda: False)
+    for module in (dietprune.pipeline, dietprune.head_refit):
+        monkeypatch.setattr(module, "is_main_process", lambda: False)
     read = []
     monkeypatch.setattr(dietprune.assemble, "rest_tensors", lambda *args: read.append(args) or [])
+    monkeypatch.setattr(dietprune.head_refit, "head_gram", lambda *args: read.append(args))
     staging = tmp_path / "staging"
     pruned = dietprune.prune(str(tiny_dir), **_fast_options(), weights="stream", staging=staging,
                              recover=recover)
     assert pruned.model is None and pruned.checkpoint is None
     assert not staging.exists() and read == []
+    with pytest.raises(DietError, match="under torchrun only the first one does"):
+        dietprune.save(pruned, tmp_path / "out")
     assert pruned.record["hidden_size_after"] == pruned.record["width"]["kept"]
     assert ("recovery" in pruned.record) == (recover == "full")
 
 
-def test_a_process_after_the_first_shows_no_progress_or_warnings(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_a_process_after_the_first_shows_no_progress_or_warnings(tiny_dir, tmp_path, monkeypatch, capsys,
+                                                                   caplog):
     """Under torchrun only the first process draws progress bars and warns; the others stay quiet but
     for errors."""
     import logging
 
     import dietprune.calibration
+    import dietprune.pipeline  # noqa: F401  (bound to the real is_main_process before it is patched)
 
-    monkeypatch.setattr(dietprune.calibration, "is_main_process", lambda: False)
-    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)  # restored after the test
+    argv = ["prune", "--model", str(tiny_dir), *FAST_PROFILE, "--sparsity", "0.25"]  # K 36: a warning
     capsys.readouterr()
-    assert main(["prune", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST_PROFILE]) == 0
-    assert capsys.readouterr().err == "" and not (tmp_path / "o").exists()
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    assert "profile 3 tasks" in capsys.readouterr().err
+    assert any("K 36 (sparsity 0.25) is not a multiple of" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(dietprune.calibration, "is_main_process", lambda: False)
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0
+    assert capsys.readouterr().err == "" and caplog.records == [] and not (tmp_path / "second").exists()
+
+
+def test_a_process_that_stopped_stops_the_others_with_one_line(monkeypatch):
+    """When a peer is gone (its own error line said why), a collective's RuntimeError becomes one line."""
+    import dietprune.calibration as calibration
+
+    def gone(tensor):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer\nmore")
+
+    monkeypatch.setattr(calibration, "process_group", lambda: (1, 2))
+    monkeypatch.setattr(calibration.dist, "all_reduce", gone)
+    with pytest.raises(DietError) as error:
+        calibration.all_sum(torch.zeros(3))
+    assert str(error.value) == ("another data-parallel process stopped (its error says why): "
+                                "[gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+
+def _launcher(tmp_path, preamble: str):
+    """A script that runs `preamble` (with os and sys imported), then `diet` with its arguments."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(f"import os, sys\n{preamble}"
+                        "from dietprune.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    return launcher
 
 
 def _fast_options() -> dict:

@@ -155,6 +155,7 @@ def test_a_process_group_is_joined_with_the_backend_of_its_device(monkeypatch):
     assert joined == ["gloo"]
     with pytest.raises(DietError, match="process 1 computes on cuda:1, not cuda:0"):
         device.init_distributed(torch.device("cuda", 0), None)
+    assert os.environ["WORLD_SIZE"] == "2"
 
 
 def test_cuda_under_torchrun_is_the_process_s_own_gpu(monkeypatch):
@@ -175,6 +176,6 @@ def test_cuda_under_torchrun_is_the_process_s_own_gpu(monkeypatch):
         assert resolve_device(name) == torch.device("cuda", 1)
         device.init_distributed(resolve_device(name), None)
     assert joined == ["nccl"] * 3
-    monkeypatch.delenv("LOCAL_RANK")
-    assert resolve_device("cuda") == torch.device("cuda", 0)
-    assert os.environ["WORLD_SIZE"] == "2"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # outside torchrun: torch's current GPU, as before
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("auto") == torch.device("cuda", 1)

@@ -203,6 +203,9 @@ def save(pruned: Pruned, out: str | Path, overwrite: bool = False, protected: tu
     dietprune.json, atomically: tensor by tensor, each converted on the host (the model in memory stays
     as it is). A streamed prune's checkpoint is already written: it is moved into place."""
     out = Path(out)
+    if pruned.model is None and pruned.checkpoint is None:
+        raise DietError("this process keeps no pruned model: under torchrun only the first one does; "
+                        "save it there")
     check_output_path(out, overwrite, protected)
     record = pruned.record | {"saved_dtype": dtype_name(pruned.save_dtype)}
     if_exists = "replace" if overwrite else "refuse"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dietprune.errors import DietError
+from dietprune.errors import DietError, first_line
 from dietprune.settings import CalibrationSettings
 from dietprune.tasks import load_examples, split_ids
 from dietprune.tasks.data import PERPLEXITY_PASSAGES, lambada_passages
@@ -101,9 +101,14 @@ def is_main_process() -> bool:
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over the data-parallel processes, in place (as it is in one process). Every
     process calls it in the same order with the same shape, on the device it computes on (NCCL reduces
-    GPU tensors only): what each shard of the calibration batches adds to a statistic, made whole."""
+    GPU tensors only): what each shard of the calibration batches adds to a statistic, made whole. A
+    process that stopped (its own error said why) stops the others with one line, not a traceback."""
     if process_group()[1] > 1:
-        dist.all_reduce(tensor)
+        try:
+            dist.all_reduce(tensor)
+        except RuntimeError as exc:  # torch.distributed's errors (a peer gone, a timeout) are RuntimeErrors
+            raise DietError(f"another data-parallel process stopped (its error says why): {first_line(exc)}"
+                            ) from exc
     return tensor
 
 
@@ -134,7 +139,7 @@ def corpus_batches(tokenizer, corpora: list[Corpus], batching: Batching, shard: 
     world = process_group()[1]
     if shard and corpora and world > (most := max(len(corpus.texts) for corpus in corpora)):
         raise DietError(f"{world} processes each take a share of the calibration texts, but the largest "
-                        f"calibration set holds {most}; run at most {most} processes")
+                        f"calibration set holds {most}; run at most {most} process{'es' * (most > 1)}")
     batches, groups = [], []
     for index, corpus in enumerate(corpora):
         mine = token_batches(tokenizer, corpus.texts, batching, shard)

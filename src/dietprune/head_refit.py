@@ -21,11 +21,11 @@ linear head (--recover-head linear): the head's K columns become E T, T (d x K) 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from dietprune.calibration import all_sum
-from dietprune.lstsq import accumulate, accumulate_gram, as_products, cholesky, damp, solve, zeros
+from dietprune.calibration import all_sum, is_main_process
+from dietprune.lstsq import accumulate, accumulate_gram, as_products, cholesky, damp, solve
 from dietprune.sequential import Stream, Weights, observe
+from dietprune.slice import rms_normalised
 
 HEAD_ROWS = 1 << 12  # vocabulary rows per product of the head's Gram matrix
 
@@ -39,7 +39,7 @@ def final_stream(weights: Weights, dense: Stream) -> Stream:
 
 
 def head_columns(weights: Weights, dense: Stream, pruned: Stream | None, keep: torch.Tensor, alpha: float,
-                  c: float) -> torch.Tensor:
+                 c: float) -> torch.Tensor:
     """T (d x K, float64) of the linear head refit (module doc) from the final norm inputs of the dense
     stream and of the pruned one (K dims, c times the dense scale), or, without it, of the dense stream
     masked to the kept dims. Both go through the dense final norm with the dropped dims zero, which
@@ -48,7 +48,8 @@ def head_columns(weights: Weights, dense: Stream, pruned: Stream | None, keep: t
         device = weights.device_of(norm)
         keep = keep.to(device)
         d, k = weights.model.config.hidden_size, len(keep)
-        gram, cross = zeros(k, k, device, 1)[0], zeros(d, k, device, 1)[0]
+        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+        cross = torch.zeros(d, k, dtype=torch.float64, device=device)
         for b in range(len(dense)):
             h = dense.hidden[b].to(device)
             masked = torch.zeros_like(h)
@@ -56,19 +57,21 @@ def head_columns(weights: Weights, dense: Stream, pruned: Stream | None, keep: t
             f = dense.real(b, norm(masked)[..., keep])
             accumulate_gram(gram, f.double())
             accumulate(cross, as_products(dense.real(b, norm(h))), as_products(f))
-    all_sum(gram), all_sum(cross)
+    all_sum(gram)
+    all_sum(cross)
     lam = damp(gram, alpha)
     cross[keep, torch.arange(k, device=device)] += lam  # + lam P
     return solve(cholesky(gram), cross.T).T
 
 
 def head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torch.Tensor, alpha: float,
-                     columns: torch.Tensor | None = None):
+                    columns: torch.Tensor | None = None):
     """What refitting the final norm's gains through the LM head E needs, taken before the head is
     sliced: B^T B and N^T B over calibration tokens (N the dense final norm's output, B the pruned final
     stream normalised without gain) and G = E^T E (d x d, summed over chunks of the head's rows). The
     sliced head is E' = s E P (P = `columns`, or the kept columns' selection), so E'^T E' = s^2 P^T G P
-    and E'^T E = s P^T G. Returns refit(sliced gain, norm offset, s) -> the refit gain."""
+    and E'^T E = s P^T G. Returns refit(sliced gain, norm offset, s) -> the refit gain (None in a
+    data-parallel process after the first)."""
     with weights.onloaded(weights.adapter.final_norm) as norm:
         device = weights.device_of(norm)
         keep = keep.to(device)
@@ -77,10 +80,13 @@ def head_statistics(weights: Weights, dense: Stream, pruned: Stream, keep: torch
         ntb = torch.zeros(d, k, dtype=torch.float64, device=device)
         for b in range(len(dense)):
             n = dense.real(b, norm(dense.hidden[b].to(device))).double()
-            x = normalised(norm, dense.real(b, pruned.hidden[b].to(device)).double())
+            x = rms_normalised(norm, dense.real(b, pruned.hidden[b].to(device)).double())
             accumulate(btb, x, x)
             accumulate(ntb, n, x)
-    all_sum(btb), all_sum(ntb)
+    all_sum(btb)
+    all_sum(ntb)
+    if not is_main_process():  # it keeps no model (assemble.DiscardSink): the head is not read for it
+        return None
     gram = head_gram(weights, device)
     if columns is None:
         kept_gram, kept_cross = gram[keep][:, keep], gram[keep]
@@ -109,9 +115,3 @@ def head_gram(weights: Weights, device: torch.device) -> torch.Tensor:
         rows = rows.to(device, torch.float64)
         accumulate(gram, rows, rows)
     return gram
-
-
-def normalised(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An RMSNorm's input normalised without its gain: x / sqrt(mean(x^2) + eps)."""
-    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)

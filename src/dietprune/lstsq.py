@@ -1,8 +1,9 @@
 """Ridge least squares from statistics summed over calibration tokens: what recovery (recover.py,
 head_refit.py) and --method obs solve with. Statistics are float64 accumulators fed one batch's product
 at a time; a Gram matrix is accumulated on and below its diagonal only (what its Cholesky factorisation
-reads), damped by lam = alpha x its mean diagonal, factorised over itself block by block, and solved by
-two triangular solves, so an m x m system never exists twice (6.6 GB each at a 70B model's MLP width).
+reads), damped by lam = alpha x its mean diagonal (the head's K gains: each diagonal entry by alpha x
+itself), factorised over itself block by block, and solved by two triangular solves, so an m x m system
+never exists twice (6.6 GB each at a 70B model's MLP width).
 removal_order is greedy OBS on such systems: which inputs a refit of the others absorbs best.
 """
 
@@ -20,7 +21,7 @@ def as_products(x: torch.Tensor) -> torch.Tensor:
     return x.to(PRODUCTS)
 
 
-def zeros(rows: int, columns: int, device: torch.device, count: int) -> torch.Tensor:
+def accumulators(count: int, rows: int, columns: int, device: torch.device) -> torch.Tensor:
     """`count` float64 accumulators of rows x columns: the statistics of all batches, then (with a
     damping grid) of the held-out ones."""
     return torch.zeros(count, rows, columns, dtype=torch.float64, device=device)

@@ -46,7 +46,8 @@ from dietprune.slice import slice_edit, sliced_param_count
 class Pruned:
     """A pruned model, what was done to it (saved as dietprune.json), and the dtype it is saved in.
     `model` is in memory; a streamed prune's model is in `checkpoint` instead (its directory holds the
-    config and the weights, already in the saved dtype and form)."""
+    config and the weights, already in the saved dtype and form); a data-parallel process after the
+    first has neither."""
 
     model: PreTrainedModel | None
     tokenizer: object
@@ -56,7 +57,8 @@ class Pruned:
 
 
 def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationStats], dict] | None = None,
-            in_place: bool = False, staging: Path | None = None) -> tuple[PreTrainedModel | Checkpoint, dict]:
+            in_place: bool = False, staging: Path | None = None
+            ) -> tuple[PreTrainedModel | Checkpoint | None, dict]:
     """Prune `loaded` as `plan` says; returns the pruned model (in memory, or the checkpoint it was
     streamed into under `staging`; None in a data-parallel process after the first) and the record of
     what was chosen and which samples were used."""

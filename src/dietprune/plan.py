@@ -43,16 +43,19 @@ FIT_FRACTION = 0.8  # `weights auto` loads a model whose weights take at most th
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for `--device`: auto, cpu, cuda or cuda:N. auto and cuda mean this process's GPU
-    (under torchrun its LOCAL_RANK one, else the first), always with its index."""
-    if name == "auto" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    if name.startswith("cuda") or name == "auto":
+    """The torch device for `--device`: auto, cpu, cuda or cuda:N. auto means this process's GPU (under
+    torchrun its LOCAL_RANK one, else the first); so does cuda under torchrun (outside it, torch's
+    current GPU)."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DietError(f"--device {name}: no CUDA device is available here (torch sees none); "
                             "use --device cpu or auto")
-        device = torch.device(name if name != "auto" else "cuda")
-        if device.index is None:
+        device = torch.device(name)
+        if device.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DietError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices here")

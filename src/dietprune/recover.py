@@ -33,7 +33,9 @@ Damping grid (--recover-alpha-grid): every fourth batch is held out; each reader
     the other batches is scored, for each alpha of the grid, by its error on the held-out ones less their
     targets' energy (the same for every fit), tr(W G_h W^T) - 2 tr(W R_h^T), from the held-out Gram
     matrix G_h and right-hand side R_h = sum t x^T; the best alpha is refit on all batches. The held-out
-    statistics double each accumulator, and scoring holds two more copies of the Gram matrix.
+    statistics double each accumulator, and scoring holds two more copies of the Gram matrix. Under
+    torchrun each process holds out every fourth batch of its own share (other batches than one
+    process holds out, so the dampings chosen may differ from a single process's).
 Ridge towards the plain slice (not towards 0): nothing changes when nothing is pruned, and directions
 the calibration data does not excite keep their sliced values. lam = alpha x the mean diagonal of the
 Gram matrix (alpha = 0.1 by default: ten times GPTQ's dampening, better than 0.01 and 0.001 on every
@@ -72,17 +74,17 @@ from torch import nn
 from dietprune.assemble import Sink, apply_rest
 from dietprune.calibration import Batching, Corpus, all_sum, corpus_batches
 from dietprune.errors import DietError
-from dietprune.head_refit import final_stream, head_columns, head_statistics, normalised
+from dietprune.head_refit import final_stream, head_columns, head_statistics
 from dietprune.lstsq import (
     accumulate,
     accumulate_gram,
+    accumulators,
     as_products,
     cholesky,
     damp,
     removal_order,
     solve,
     symmetric,
-    zeros,
 )
 from dietprune.models.adapters import SubBlock
 from dietprune.models.edit import meta_model
@@ -96,7 +98,7 @@ from dietprune.sequential import (
     to_device,
     to_meta,
 )
-from dietprune.slice import head_scale, slice_edit
+from dietprune.slice import head_scale, rms_normalised, slice_edit
 
 PARTS = ("readers", "writers", "norms", "head")
 HELD_OUT = 4  # with a damping grid, every fourth calibration batch is held out to choose from it
@@ -197,13 +199,14 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
 
     if "readers" in parts:  # (1) W' = (W C_nn' + lam W_K)(C_n'n' + lam I)^-1
         k, d = len(keep), dense.hidden[0].shape[-1]
-        gram, cross = zeros(k, k, device, stacks), zeros(d, k, device, stacks)
+        gram, cross = accumulators(stacks, k, k, device), accumulators(stacks, d, k, device)
         for b in batches:
             n, n_fit = rows(b, normed[b]), rows(b, fit_normed[b])
             stack = slice(2 if b in held else 1)  # all batches, and the held-out ones
             accumulate_gram(gram[stack], n_fit.double())
             accumulate(cross[stack], n, n_fit)
-        all_sum(gram), all_sum(cross)
+        all_sum(gram)
+        all_sum(cross)
         alphas = dict.fromkeys(block.readers, alpha)
         if grid:
             fits, held_gram = _held_out_fits(gram, grid)
@@ -230,13 +233,14 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
     del normed, fit_normed
     if "writers" in parts:  # W' = (R + lam W'_0)(C_z'z' + lam I)^-1, R = sum c y_K z'^T = W'_0 C_zz'
         m = z_fit[0].shape[-1]
-        gram, cross = zeros(m, m, device, stacks), zeros(len(keep), m, device, stacks)
+        gram, cross = accumulators(stacks, m, m, device), accumulators(stacks, len(keep), m, device)
         for b in batches:
             z = rows(b, z_fit[b])
             stack = slice(2 if b in held else 1)
             accumulate_gram(gram[stack], z)
             accumulate(cross[stack], rows(b, outputs[b])[:, keep].double(), z.double(), scale=c)
-        all_sum(gram), all_sum(cross)
+        all_sum(gram)
+        all_sum(cross)
         writer_alpha = alpha
         if grid:
             writer_alpha = _chosen(*_held_out_fits(gram, grid), cross, writer.weight.double())
@@ -265,10 +269,11 @@ def _refit_sub_block(dense_layer: nn.Module, fit: nn.Module, block: SubBlock, de
             product = torch.zeros(len(keep), dtype=torch.float64, device=device)
             for b in batches:
                 target = c * rows(b, outputs[b])[:, keep].double()
-                x = normalised(fit_norm_out, rows(b, fit_outputs[b]).double())
+                x = rms_normalised(fit_norm_out, rows(b, fit_outputs[b]).double())
                 energy += x.square().sum(0)
                 product += (x * target).sum(0)
-            all_sum(energy), all_sum(product)
+            all_sum(energy)
+            all_sum(product)
             a0 = offset + fit_norm_out.weight.to(torch.float64)
             lam = alpha * energy.mean()
             fit_norm_out.weight.copy_((product + lam * a0) / (energy + lam) - offset)

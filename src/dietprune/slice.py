@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from dietprune.assemble import Edit, applied
@@ -173,3 +174,9 @@ def slice_model(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = Fal
     `in_place` reuses the dense weights' memory (peak memory stays near one model; `model` is
     destroyed)."""
     return applied(model, slice_edit(model, keep, in_place), "slice")
+
+
+def rms_normalised(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm's input normalised without its gain: x / sqrt(mean(x^2) + eps)."""
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)

