@@ -81,7 +81,7 @@ def execute(plan: Plan, loaded: Loaded, score_file: tuple[dict[str, ActivationSt
         observer = plan.method.observer(model, target)  # refuses a target it cannot meet, before any work
         corpora = task_corpora(plan.calibration)
         _record_used(used, corpora)
-        batches, _ = corpus_batches(tokenizer, corpora, plan.batching)
+        batches, _ = corpus_batches(tokenizer, corpora, plan.batching, shard=True)
         stream = capture(weights, batches)
         observe(weights, stream, [observer], plan.method.name)
         require_tokens(stream.tokens())

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dietprune.assemble import Edit
+from dietprune.calibration import all_sum
 from dietprune.errors import NotApplicable
 from dietprune.methods.base import Method, nearest_units
 from dietprune.models.adapters import adapter_for
@@ -45,7 +46,9 @@ class BlockInfluence(Observer):
         self.tokens += len(x) if index == 0 else 0
 
     def result(self) -> torch.Tensor:
-        return 1 - torch.stack([c.cpu() for c in self.cos_sum]) / self.tokens
+        sums = torch.stack([c.cpu() for c in self.cos_sum] + [torch.tensor(float(self.tokens))])
+        sums = all_sum(sums.to(self.cos_sum[-1].device)).cpu()  # data parallel: every shard's tokens
+        return 1 - sums[:-1] / sums[-1]
 
 
 def edit(model: nn.Module, observer: BlockInfluence, target_params: int, in_place: bool) -> tuple[Edit, dict]:

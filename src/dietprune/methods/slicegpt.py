@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dietprune.assemble import Edit
+from dietprune.calibration import all_sum
 from dietprune.errors import NotApplicable
 from dietprune.methods.base import Method
 from dietprune.models.adapters import adapter_for
@@ -115,7 +116,7 @@ def _rotate_rows(matrix: torch.Tensor, q: torch.Tensor, gain: torch.Tensor | Non
 def edit(model: nn.Module, observer: Covariance, target_params: int, in_place: bool) -> tuple[Edit, dict]:
     """Rotate onto the calibration texts' principal axes and keep the widest K (a multiple of the head
     count) whose parameter count, with the head untied, is at most `target_params`."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(observer.total)  # float64, where the covariance lies
+    eigenvalues, eigenvectors = torch.linalg.eigh(all_sum(observer.total))  # float64, where it lies
     order = eigenvalues.argsort(descending=True)
     tied = bool(model.config.tie_word_embeddings)
     step = model.config.num_attention_heads  # transformers rejects a width the heads do not divide

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dietprune.assemble import Edit
+from dietprune.calibration import all_sum
 from dietprune.errors import NotApplicable
 from dietprune.methods.base import Method, nearest_units
 from dietprune.models.adapters import adapter_for
@@ -79,7 +80,7 @@ class WandaSP(Observer):
 
     def block_done(self, index: int, layer: nn.Module) -> None:
         o_proj, down_proj = (layer.get_submodule(name) for name in self.writers)
-        o_sq, down_sq = self.sq_sums
+        o_sq, down_sq = (all_sum(total) for total in self.sq_sums)  # data parallel: every shard's tokens
         o_score = o_sq.sqrt() * o_proj.weight.abs().sum(0).double()
         self.head_scores.append(o_score.view(self.heads, -1).sum(1).cpu())
         self.channel_scores.append((down_sq.sqrt() * down_proj.weight.abs().sum(0).double()).cpu())
