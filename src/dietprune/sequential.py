@@ -30,6 +30,7 @@ from torch import nn
 
 from dietprune.errors import DietError
 from dietprune.models.adapters import Adapter, SubBlock, adapter_for
+from dietprune.models.edit import embedding_names
 from dietprune.models.store import Checkpoint
 from dietprune.progress import progress
 
@@ -72,9 +73,7 @@ class Weights:
         self.adapter: Adapter = adapter_for(model.config)
         self.adapter.require("the sequential engine", "parallel_block")
         self.blocks = self.model.get_submodule(self.adapter.layers)
-        names = {module: name for name, module in model.named_modules()}
-        self.embedding = names[model.get_input_embeddings()]
-        self.head = names[model.get_output_embeddings()]
+        self.embedding, self.head = embedding_names(model)
         if checkpoint is not None:  # buffers (rotary tables, embedding scales) are built from the config
             _buffers_to(model, self.device)
 

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from dietprune.assemble import Edit, applied
 from dietprune.errors import DietError
 from dietprune.models.adapters import Adapter, adapter_for
-from dietprune.models.edit import edited_config
+from dietprune.models.edit import edited_config, embedding_names
 
 CHUNK_BYTES = 1 << 24  # in-place slicing copies at most this much at a time
 
@@ -48,9 +48,9 @@ def _roles(model: PreTrainedModel, k: int, tied: bool | None = None) -> dict[str
             roles |= {prefix + block.writer: ("writer", c), prefix + block.norm: ("norm", r)}
             if block.output_norm:
                 roles[prefix + block.output_norm] = ("norm", 1.0)
-    module_names = {module: name for name, module in model.named_modules()}
-    roles[module_names[model.get_input_embeddings()]] = ("reader", embedding_scale)
-    roles[module_names[model.get_output_embeddings()]] = ("reader", head_scale)
+    embedding, head = embedding_names(model)
+    roles[embedding] = ("reader", embedding_scale)
+    roles[head] = ("reader", head_scale)
     return roles
 
 
@@ -61,8 +61,7 @@ def _is_tied(model: PreTrainedModel, tied: bool | None = None) -> bool:
 
 def head_scale(model: PreTrainedModel, k: int) -> float:
     """The factor the LM head's kept columns are multiplied by in a slice to width k."""
-    module_names = {module: name for name, module in model.named_modules()}
-    return _roles(model, k)[module_names[model.get_output_embeddings()]][1]
+    return _roles(model, k)[embedding_names(model)[1]][1]
 
 
 def sliced_param_count(model: PreTrainedModel, k: int, untie: bool = False) -> int:
@@ -96,10 +95,9 @@ def slice_edit(model: PreTrainedModel, keep: torch.Tensor, in_place: bool = Fals
         raise DietError(f"kept width {k} is not a multiple of the {model.config.num_attention_heads} "
                         "attention heads; use --round-to so K is")
     adapter, roles = adapter_for(model.config), _roles(model, k, tied)
-    module_names = {module: name for name, module in model.named_modules()}
-    head = module_names[model.get_output_embeddings()]
+    embedding, head = embedding_names(model)
     mapped = set() if head_columns is None else {f"{head}.weight"} | (
-        {f"{module_names[model.get_input_embeddings()]}.weight"} if _is_tied(model, tied) else set())
+        {f"{embedding}.weight"} if _is_tied(model, tied) else set())
 
     def block(index: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = f"{adapter.layers}.{index}."

@@ -26,7 +26,7 @@ from dietprune.calibration import all_sum
 from dietprune.errors import NotApplicable
 from dietprune.methods.base import Method
 from dietprune.models.adapters import adapter_for
-from dietprune.models.edit import edited_config
+from dietprune.models.edit import edited_config, embedding_names
 from dietprune.sequential import Observer
 from dietprune.slice import CHUNK_BYTES, slice_edit, sliced_param_count
 
@@ -68,8 +68,7 @@ def rotation(model: nn.Module, q: torch.Tensor, in_place: bool = False) -> Edit:
     check_rotatable(model.config)
     adapter = adapter_for(model.config)
     q = q.to(torch.float64)
-    names = {module: name for name, module in model.named_modules()}
-    embedding, head = names[model.get_input_embeddings()], names[model.get_output_embeddings()]
+    embedding, head = embedding_names(model)
     offset = adapter.norm_offset
     final_gain: list[torch.Tensor] = []
 

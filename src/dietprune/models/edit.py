@@ -1,5 +1,5 @@
 """Stock models with edited shapes: one way to change a config, rebuild a model around a state dict,
-read head_dim and count parameters."""
+read head_dim, name the embedding and the head, and count parameters."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ from dietprune.errors import DietError, first_line
 def head_dim(config) -> int:
     """Per-head width: the config's explicit head_dim, else hidden_size / heads (the transformers rule)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def embedding_names(model: nn.Module) -> tuple[str, str]:
+    """The module names of the input embedding and of the LM head (two modules even where they share one
+    weight)."""
+    names = {module: name for name, module in model.named_modules()}
+    return names[model.get_input_embeddings()], names[model.get_output_embeddings()]
 
 
 def count_params(model: nn.Module) -> int:
